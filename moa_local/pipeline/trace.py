@@ -1,0 +1,80 @@
+"""What a MoA run produced: per layer, per proposer, the text or error with tokens and seconds; the aggregator's
+likewise. Plain dataclasses with a JSON form (the `--trace` file). Knows nothing about engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moa_local.engines.base import Usage
+
+
+@dataclass
+class Response:
+    """One role's answer in one layer (or the aggregator's)."""
+
+    role: str
+    model: str
+    text: str | None
+    error: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "model": self.model,
+            "text": self.text,
+            "error": self.error,
+            "usage": self.usage.to_dict(),
+            "seconds": round(self.seconds, 4),
+            "attempts": self.attempts,
+        }
+
+
+@dataclass
+class LayerTrace:
+    index: int
+    responses: list[Response] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "responses": [r.to_dict() for r in self.responses]}
+
+
+@dataclass
+class Result:
+    """The outcome of one conversation: the final answer (or the error that stopped it) and its trace."""
+
+    id: str
+    output: str | None
+    error: str | None = None
+    layers: list[LayerTrace] = field(default_factory=list)
+    aggregator: Response | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for layer in self.layers:
+            for r in layer.responses:
+                total = total + r.usage
+        if self.aggregator:
+            total = total + self.aggregator.usage
+        return total
+
+    def trace(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "error": self.error,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "aggregator": self.aggregator.to_dict() if self.aggregator else None,
+        }

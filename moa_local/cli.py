@@ -14,16 +14,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moa_local.errors import MoaError, NotYetImplemented
+from moa_local.errors import InputError, MoaError, NotYetImplemented
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixture-of-Agents on local hardware.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Mixture-of-Agents on local hardware."
+)
 recipes_app = typer.Typer(no_args_is_help=True, help="List and show recipes.")
 models_app = typer.Typer(no_args_is_help=True, help="List model configs and prepare local weights.")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+# Wide when piped, so tables are not cut at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 _state = {"debug": False}
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a recipe YAML.")]
@@ -101,11 +104,11 @@ def run(
     from moa_local.config import load_recipe
 
     if (prompt is None) == (input is None):
-        raise typer.BadParameter("give either a PROMPT or --input FILE (with --output FILE)")
+        raise InputError("give either a PROMPT or --input FILE (with --output FILE)")
     if input is not None and output is None:
-        raise typer.BadParameter("--input needs --output FILE")
+        raise InputError("--input needs --output FILE")
     if prompt is not None and not prompt.strip():
-        raise typer.BadParameter("PROMPT is empty")
+        raise InputError("PROMPT is empty")
     rec = load_recipe(recipe)  # validate before anything heavy
     records = read_input(input) if input is not None else None
     with load(rec, backend=backend, max_tokens=max_tokens, temperature=temperature, seed=seed) as moa:

@@ -11,10 +11,14 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from moa_local.config.recipe import FakeOptions
+from moa_local.config.recipe import FakeOptions, Recipe
 from moa_local.engines.base import Engine, Generation, MemoryReport, Request, Usage
 from moa_local.errors import EngineDiedError
+
+if TYPE_CHECKING:
+    from moa_local.engines.pool import EnginePool
 
 Responder = Callable[[Request, str], str]
 
@@ -102,3 +106,14 @@ class FakeEngine(Engine):
 
     def close(self) -> None:
         self.closed = True
+
+
+def fake_pool(recipe: Recipe, *, responder: Responder | None = None) -> EnginePool:
+    """A resident pool of FakeEngines for ``recipe`` (tests and docs), whatever the recipe's backend."""
+    from moa_local.engines.pool import EnginePool
+
+    return EnginePool(
+        recipe.model_ids(),
+        factory=lambda mid: FakeEngine(mid, options=recipe.engine_options(mid).fake, responder=responder),
+        log=lambda _msg: None,
+    )

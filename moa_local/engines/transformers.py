@@ -44,6 +44,8 @@ class TransformersEngine(Engine):
         self.max_model_len = options.max_model_len or config.architecture.max_context
         self._torch = torch
         self._lock = threading.Lock()
+        self.tokenizer: Any = None
+        self.model: Any = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.tokenizer.padding_side = "left"
@@ -97,8 +99,8 @@ class TransformersEngine(Engine):
         torch = self._torch
         start = time.perf_counter()
         stop = members[0][2]
-        batch = self.tokenizer.pad({"input_ids": [m[1] for m in members]}, return_tensors="pt", padding=True)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        padded = self.tokenizer.pad({"input_ids": [m[1] for m in members]}, return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in padded.items()}
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
@@ -111,7 +113,7 @@ class TransformersEngine(Engine):
             new = [t for t in row[width:].tolist()]
             while new and new[-1] in eos:
                 new.pop()
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text: str = self.tokenizer.decode(new, skip_special_tokens=True)
             text, stopped = cut_at_stop(text, stop)
             finish = "stop" if stopped or len(new) < sampling.max_tokens else "length"
             results.append(Generation(text=text.strip(), usage=Usage(len(ids), len(new)), seconds=seconds, finish_reason=finish))

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from moa_local.config.model import ModelConfig
 from moa_local.config.registry import moa_home
@@ -96,8 +97,8 @@ def prepare_model(config: ModelConfig, *, force: bool = False, log: bool = True)
     tmp.mkdir(parents=True)
     gguf = locate_gguf(config, scratch=tmp)
     # 1. Load tokenizer and de-quantized weights from the GGUF.
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer: Any = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # 2. A GGUF-loaded model refuses save_pretrained until its quantizer is dropped.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -7,14 +7,14 @@ into the text an engine tokenizes. Knows nothing about engines or the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Protocol
 
 Message = dict[str, str]
 
 
-@lru_cache(maxsize=None)
+@cache
 def prompt_text(name: str) -> str:
     """A package-data prompt file by stem (aggregate, transcript)."""
     return resources.files("moa_local.prompts").joinpath(f"{name}.txt").read_text()

@@ -44,7 +44,7 @@ def test_trace_has_the_documented_keys(fake_recipe: Recipe) -> None:
     t = res.trace()
     assert set(t) >= {"output", "layers", "aggregator"}
     assert set(t["layers"][0]["responses"][0]) >= {"model", "text", "error", "usage", "seconds"}
-    assert res.usage.completion_tokens == sum(r.usage.completion_tokens for l in res.layers for r in l.responses) + res.aggregator.usage.completion_tokens  # type: ignore[union-attr]
+    assert res.usage.completion_tokens == sum(r.usage.completion_tokens for layer in res.layers for r in layer.responses) + res.aggregator.usage.completion_tokens  # type: ignore[union-attr]
 
 
 def test_multi_turn_history_is_kept_and_references_answer_the_last_turn(fake_recipe: Recipe) -> None:

@@ -1,0 +1,300 @@
+"""Memory estimator: the bytes one model's engine needs, computed from its architecture. Pure arithmetic.
+
+Owns: parameter counts (dense and MoE), weight bytes per dtype and quantization, KV-cache bytes per token, the
+per-GPU engine overhead (CUDA context, activation peak of vLLM's profiling run, CUDA graphs), the KV budget left
+under a ``gpu_memory_utilization``, and the vLLM-CPU footprint. Every constant below is an estimate, named and
+documented once, and docs/placement.md shows the formulas.
+
+Never imports torch or vllm, never reads weights or files, never decides where an engine goes (planner.py does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moa_local.config.model import Architecture, ModelConfig
+from moa_local.config.recipe import EngineOptions
+
+GIB = 1024**3
+"""Bytes in a GiB. Every "GiB" in placement is 2**30 bytes."""
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["fp8", "awq", "gptq", "int8"]
+Device = Literal["cuda", "cpu"]
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per element of each unquantized dtype."""
+
+QUANT_WEIGHT_BYTES: dict[str, float] = {"fp8": 1.0, "int8": 1.0, "awq": 0.5, "gptq": 0.5}
+"""Bytes per quantized weight of the linear layers (attention and FFN/expert matrices)."""
+
+QUANT_GROUP_SIZE = 128
+"""AWQ/GPTQ group size: each group of 128 weights carries an fp16 scale (2 B) and a packed 4-bit zero (0.5 B)."""
+
+QUANT_GROUP_OVERHEAD_BYTES = 2.5
+"""Scale + zero bytes per AWQ/GPTQ group."""
+
+UNQUANTIZED_BYTES = 2
+"""Under any quantization, embeddings, lm_head, router, norms and biases stay 16-bit."""
+
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)
+"""Per engine per GPU: the CUDA context, cuBLAS workspaces and the allocator's slack (vLLM logs 0.5-1 GiB)."""
+
+NCCL_BYTES = int(0.25 * GIB)
+"""Per GPU of a tensor-parallel engine: NCCL communicators and the custom all-reduce buffers."""
+
+CUDA_GRAPH_BYTES = int(0.5 * GIB)
+"""Per GPU: captured CUDA graphs (none with enforce_eager)."""
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+"""vLLM's profiling run pushes this many tokens through the model to find the activation peak."""
+
+DEFAULT_MAX_NUM_SEQS = 256
+"""vLLM samples logits for up to this many sequences during profiling (float32 logits)."""
+
+ACTIVATION_BYTES = 2
+"""Activations are 16-bit on GPU."""
+
+CPU_PROCESS_BYTES = int(1.0 * GIB)
+"""vLLM-CPU: resident memory of the engine processes (Python, torch, vllm imports) before weights and KV."""
+
+DEFAULT_CPU_KVCACHE_GIB = 1.0
+"""vLLM-CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when a recipe does not set cpu_kvcache_gib."""
+
+CPU_MAX_NUM_BATCHED_TOKENS = 2048
+"""vLLM-CPU: tokens of the profiling batch (small: CPU prefill is chunked)."""
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of a model by kind. ``quantizable`` is what AWQ/GPTQ/fp8 shrink; the rest stays 16-bit."""
+
+    embedding: int
+    lm_head: int
+    attention: int
+    ffn: int
+    router: int
+    norms: int
+    biases: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.embedding + self.lm_head + self.attention + self.ffn + self.router + self.norms + self.biases
+        )
+
+    @property
+    def quantizable(self) -> int:
+        """The linear layers: q/k/v/o projections and every expert's gate/up/down matrices."""
+        return self.attention + self.ffn
+
+    @property
+    def unquantized(self) -> int:
+        return self.total - self.quantizable
+
+
+def count_params(arch: Architecture) -> ParamCount:
+    """Parameters from the architecture: embeddings, attention (GQA, optional q/k/v bias), SwiGLU/GLU FFN
+    (three matrices; one set per expert for MoE, plus the router), RMSNorm weights, lm_head unless tied.
+
+    Covers Llama, Qwen2, Mistral/Mixtral, DBRX (fused Wqkv is the same count) and Gemma 3 (its q/k norms and
+    two extra norms per layer are < 0.02 % and left out).
+    """
+    h, layers = arch.hidden_size, arch.num_layers
+    q_width = arch.num_attention_heads * arch.head_dim
+    kv_width = arch.num_kv_heads * arch.head_dim
+    experts = max(1, arch.num_experts)
+    return ParamCount(
+        embedding=arch.vocab_size * h,
+        lm_head=0 if arch.tie_word_embeddings else arch.vocab_size * h,
+        attention=layers * (2 * h * q_width + 2 * h * kv_width),
+        ffn=layers * experts * 3 * h * arch.intermediate_size,
+        router=layers * h * arch.num_experts,
+        norms=layers * 2 * h + h,
+        biases=layers * (q_width + 2 * kv_width) if arch.attention_bias else 0,
+    )
+
+
+def weight_bytes(params: ParamCount, *, dtype: Dtype, quantization: Quantization | None = None) -> int:
+    """Bytes of all weights. Quantized: linear layers at the quantized width (+ AWQ/GPTQ group scales and zeros),
+    everything else 16-bit."""
+    if quantization is None:
+        return params.total * DTYPE_BYTES[dtype]
+    linear = params.quantizable * QUANT_WEIGHT_BYTES[quantization]
+    if quantization in ("awq", "gptq"):
+        linear += params.quantizable / QUANT_GROUP_SIZE * QUANT_GROUP_OVERHEAD_BYTES
+    return int(linear) + params.unquantized * UNQUANTIZED_BYTES
+
+
+def valid_tensor_parallel_sizes(arch: Architecture, *, limit: int) -> list[int]:
+    """Powers of two up to ``limit`` that divide both the attention heads and the KV heads."""
+    sizes, tp = [], 1
+    while tp <= limit:
+        if arch.num_attention_heads % tp == 0 and arch.num_kv_heads % tp == 0:
+            sizes.append(tp)
+        tp *= 2
+    return sizes
+
+
+def kv_bytes_per_token(arch: Architecture, *, kv_dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
+    """KV-cache bytes one token occupies on *each* GPU of the engine: 2 (K and V) x layers x KV heads on this rank
+    x head_dim x bytes. Sliding-window layers are counted in full (a conservative upper bound for Gemma 3)."""
+    kv_heads_per_rank = max(1, arch.num_kv_heads // tensor_parallel_size)
+    return 2 * arch.num_layers * kv_heads_per_rank * arch.head_dim * kv_dtype_bytes
+
+
+def activation_peak_bytes(
+    arch: Architecture,
+    *,
+    tokens: int,
+    tensor_parallel_size: int = 1,
+    act_bytes: int = ACTIVATION_BYTES,
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+) -> int:
+    """Peak activation memory of vLLM's profiling forward pass, per GPU (an estimate, not a measurement).
+
+    Per token: 4 hidden-size buffers (residual, normed input, attention out, MLP out), the fused q/k/v output and
+    the fused gate/up output of every active expert, sharded by TP; plus float32 logits for ``max_num_seqs``.
+    """
+    tp = tensor_parallel_size
+    qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * arch.head_dim // tp
+    gate_up = 2 * arch.intermediate_size * max(1, arch.experts_per_token) // tp
+    per_token = 4 * arch.hidden_size + qkv + gate_up
+    logits = max_num_seqs * arch.vocab_size * 4
+    return tokens * per_token * act_bytes + logits
+
+
+def resolve_dtype(model: ModelConfig, options: EngineOptions, *, device: Device) -> Dtype:
+    """The weight dtype an engine runs: the recipe's dtype, else the model's GPU or CPU default."""
+    if options.dtype != "auto":
+        return options.dtype
+    return model.cpu_dtype if device == "cpu" else model.dtype
+
+
+def kv_dtype_bytes(dtype: Dtype, options: EngineOptions) -> int:
+    """KV cache element size: fp8 when asked, else the model's activation dtype."""
+    return 1 if options.kv_cache_dtype == "fp8" else DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """What one engine needs on each of its ``tensor_parallel_size`` GPUs, before its KV cache."""
+
+    model_id: str
+    tensor_parallel_size: int
+    dtype: Dtype
+    quantization: Quantization | None
+    weights_bytes: int
+    """All weights, summed over the GPUs."""
+    weights_per_gpu: int
+    context_bytes: int
+    """CUDA context (+ NCCL for TP), per GPU."""
+    activation_bytes: int
+    graph_bytes: int
+    kv_per_token_per_gpu: int
+
+    @property
+    def overhead_per_gpu(self) -> int:
+        return self.context_bytes + self.activation_bytes + self.graph_bytes
+
+    @property
+    def fixed_per_gpu(self) -> int:
+        """Everything but the KV cache."""
+        return self.weights_per_gpu + self.overhead_per_gpu
+
+    @property
+    def sleep_residual_per_gpu(self) -> int:
+        """What a sleeping vLLM engine keeps on each GPU: weights and KV are freed, context and graphs stay."""
+        return self.context_bytes + self.graph_bytes
+
+    def need_per_gpu(self, context_tokens: int) -> int:
+        """Bytes per GPU to start with room for one sequence of ``context_tokens``."""
+        return self.fixed_per_gpu + self.kv_per_token_per_gpu * context_tokens
+
+    def kv_tokens(self, budget_per_gpu: int) -> int:
+        """Tokens of KV cache that fit when the engine may use ``budget_per_gpu`` bytes on each GPU."""
+        return max(0, budget_per_gpu - self.fixed_per_gpu) // self.kv_per_token_per_gpu
+
+
+def estimate_gpu(
+    model: ModelConfig,
+    options: EngineOptions,
+    *,
+    tensor_parallel_size: int,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+) -> GpuEstimate:
+    """The GPU footprint of ``model`` run by vLLM with ``options`` at ``tensor_parallel_size``."""
+    arch, tp = model.architecture, tensor_parallel_size
+    dtype = resolve_dtype(model, options, device="cuda")
+    total = weight_bytes(count_params(arch), dtype=dtype, quantization=options.quantization)
+    return GpuEstimate(
+        model_id=model.id,
+        tensor_parallel_size=tp,
+        dtype=dtype,
+        quantization=options.quantization,
+        weights_bytes=total,
+        weights_per_gpu=-(-total // tp),
+        context_bytes=CUDA_CONTEXT_BYTES + (NCCL_BYTES if tp > 1 else 0),
+        activation_bytes=activation_peak_bytes(arch, tokens=max_num_batched_tokens, tensor_parallel_size=tp),
+        graph_bytes=0 if options.enforce_eager else CUDA_GRAPH_BYTES,
+        kv_per_token_per_gpu=kv_bytes_per_token(
+            arch, kv_dtype_bytes=kv_dtype_bytes(dtype, options), tensor_parallel_size=tp
+        ),
+    )
+
+
+def kv_budget_bytes(estimate: GpuEstimate, *, gpu_memory_bytes: int, utilization: float) -> int:
+    """KV bytes per GPU that vLLM allocates under ``gpu_memory_utilization`` (0 if the fixed part does not fit)."""
+    return max(0, int(gpu_memory_bytes * utilization) - estimate.fixed_per_gpu)
+
+
+def max_concurrency(kv_tokens: int, *, context_tokens: int) -> int:
+    """Sequences of ``context_tokens`` whose KV cache fits at once."""
+    return kv_tokens // max(1, context_tokens)
+
+
+@dataclass(frozen=True)
+class CpuEstimate:
+    """vLLM-CPU footprint: weights at the CPU dtype, a fixed KV space, the processes and the profiling peak."""
+
+    model_id: str
+    dtype: Dtype
+    quantization: Quantization | None
+    weights_bytes: int
+    kv_bytes: int
+    process_bytes: int
+    activation_bytes: int
+    kv_per_token: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.process_bytes + self.activation_bytes
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_bytes // self.kv_per_token
+
+
+def estimate_cpu(model: ModelConfig, options: EngineOptions) -> CpuEstimate:
+    """The CPU-memory footprint of ``model`` under vLLM-CPU (or transformers on CPU) with ``options``."""
+    arch = model.architecture
+    dtype = resolve_dtype(model, options, device="cpu")
+    kv_gib = options.cpu_kvcache_gib if options.cpu_kvcache_gib is not None else DEFAULT_CPU_KVCACHE_GIB
+    return CpuEstimate(
+        model_id=model.id,
+        dtype=dtype,
+        quantization=options.quantization,
+        weights_bytes=weight_bytes(count_params(arch), dtype=dtype, quantization=options.quantization),
+        kv_bytes=int(kv_gib * GIB),
+        process_bytes=CPU_PROCESS_BYTES,
+        activation_bytes=activation_peak_bytes(
+            arch, tokens=CPU_MAX_NUM_BATCHED_TOKENS, act_bytes=DTYPE_BYTES[dtype], max_num_seqs=64
+        ),
+        kv_per_token=kv_bytes_per_token(arch, kv_dtype_bytes=kv_dtype_bytes(dtype, options)),
+    )
+
+
+def gib(n_bytes: float) -> float:
+    """Bytes to GiB."""
+    return n_bytes / GIB

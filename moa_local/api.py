@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,9 @@ from moa_local.engines.pool import EnginePool
 from moa_local.errors import InputError, RecipeError
 from moa_local.pipeline import Conversation, LayerRunner, MoAPipeline, Progress, Result
 from moa_local.prompts import Message
+
+if TYPE_CHECKING:
+    from moa_local.placement import Plan
 
 PromptLike = str | list[Message] | Conversation
 ROLES = ("system", "user", "assistant")
@@ -64,6 +67,8 @@ class MoA:
         self.backend = backend
         self.runner = runner
         self.pipeline = MoAPipeline(recipe, runner)
+        self.plan: Plan | None = None
+        """The placement the engines run under (None when a runner was passed in or the engines run on Ray)."""
 
     def run(self, prompts: Sequence[PromptLike], *, progress: Progress | None = None) -> list[Result]:
         """Run a batch: each item a prompt string, a messages list, or a Conversation. Results keep the order."""
@@ -95,17 +100,45 @@ def load(
     temperature: float | None = None,
     seed: int | None = None,
     runner: LayerRunner | None = None,
+    ray_address: str | None = None,
+    gpus: str | None = None,
+    nodes: str | None = None,
+    cpu_memory: str | None = None,
+    cpu_cores: int | None = None,
 ) -> MoA:
     """Load a recipe (a built-in name, a YAML path, or a Recipe) and start its engines.
 
     ``backend`` overrides the recipe's (auto, vllm, transformers, fake); sampling overrides apply to every role.
-    ``runner`` replaces the engine pool (tests, the phased executor)."""
+    ``runner`` replaces the engine pool (tests, the phased executor). ``ray_address`` (default: the recipe's
+    ``cluster.address``) runs the engines as actors on a Ray cluster: 'auto', 'ray://host:10001' or 'local'.
+    Run locally, the recipe is first planned on the hardware (``gpus``/``nodes``/``cpu_memory``/``cpu_cores`` as
+    in `moa-local plan`, the rest detected): PlacementError before anything loads if it cannot fit; the plan's
+    per-engine settings go to the engines; a plan of several phases runs on the phased executor."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
         rec = override_sampling(rec, max_tokens=max_tokens, temperature=temperature, seed=seed)
     except (ValidationError, ValueError) as exc:
         raise RecipeError(f"bad sampling override: {exc}") from exc
     chosen = resolve_backend(backend or rec.backend)
-    if runner is None:
-        runner = EnginePool.for_recipe(rec, backend=chosen)
-    return MoA(rec, runner, backend=chosen)
+    address = ray_address if ray_address is not None else rec.cluster.address
+    if runner is None and address:
+        if gpus or nodes or cpu_memory or cpu_cores:
+            raise InputError("--gpus/--nodes/--cpu-memory/--cpu-cores plan local engines; on a Ray cluster the "
+                             "cluster's own resources are planned. Drop them, or drop --ray-address.")
+        from moa_local.cluster import RayRunner
+
+        runner = RayRunner.for_recipe(rec, backend=chosen, address=address)
+    plan = None
+    if runner is None:  # plan before loading anything: refuse what cannot fit, then resident pool or phases
+        from moa_local.placement import build_hardware, plan_recipe
+        from moa_local.placement.phases import PhasedRunner, planned_options
+
+        hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
+        plan = plan_recipe(rec, hardware, backend=chosen)
+        if len(plan.phases) > 1:
+            runner = PhasedRunner.for_plan(rec, plan, backend=chosen)
+        else:
+            runner = EnginePool.for_recipe(rec, backend=chosen, options=planned_options(rec, plan))
+    moa = MoA(rec, runner, backend=chosen)
+    moa.plan = plan
+    return moa

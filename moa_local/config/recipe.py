@@ -25,6 +25,7 @@ class Sampling(_Closed):
     max_tokens: int = Field(512, gt=0, le=131072, description="Most tokens to generate.")
     seed: int | None = Field(None, description="Per-request seed for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (benchmarks; vllm backend).")
 
 
 class Role(_Closed):
@@ -50,6 +51,9 @@ class FakeOptions(_Closed):
     latency_s: float = Field(0.0, ge=0, description="Seconds each request takes (so tests can interrupt a job).")
     fail_if_contains: str | None = Field(None, description="Requests whose last message contains this text fail.")
     tokens_per_chunk: int = Field(1, ge=1, description="Words per streamed chunk.")
+    token_delay_s: float = Field(
+        0.0, ge=0, description="Seconds per generated word (a batch costs its longest answer), so TTFT is measurable."
+    )
 
 
 class EngineOptions(_Closed):
@@ -70,7 +74,35 @@ class EngineOptions(_Closed):
         "Unset: the scheduler splits the cores between co-resident engines.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers backend: where to run.")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="vLLM: how a tensor-parallel engine runs its workers. None: vLLM decides; 'ray': vLLM's Ray "
+        "executor (set by the Ray runner for engines whose GPUs come from a placement group, e.g. across nodes).",
+    )
     fake: FakeOptions = Field(default_factory=FakeOptions)
+
+
+class ClusterOptions(_Closed):
+    """How the recipe runs on a Ray cluster (`--ray-address`). Ignored when it runs locally."""
+
+    address: str | None = Field(
+        None,
+        description="Ray address used when --ray-address is not given: 'auto' (the cluster this machine joined), "
+        "'ray://host:10001' (Ray Client), 'local' (a private one-machine cluster). None: run locally.",
+    )
+    max_restarts: int = Field(2, ge=0, le=10, description="Times Ray restarts an engine actor that died.")
+    restart_timeout_s: float = Field(
+        600.0, gt=0, description="How long a layer waits for a restarted engine (its model reloads) before failing its requests."
+    )
+    start_timeout_s: float = Field(900.0, gt=0, description="How long to wait for an engine actor to load its model.")
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="How long to wait for the cluster to reserve a placement group before giving up."
+    )
+    resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per-model custom Ray resources its placement group must get, e.g. {gemma3-270m: {node2: 1}} "
+        "to pin an engine to nodes started with `ray start --resources='{\"node2\": 1}'`.",
+    )
 
 
 class Recipe(_Closed):
@@ -86,6 +118,7 @@ class Recipe(_Closed):
     aggregation: Literal["full", "chunked"] = Field("full", description="full: wait for whole answers; chunked: stream.")
     chunk_tokens: int = Field(32, ge=1, description="chunked aggregation: tokens per proposer chunk.")
     engines: dict[str, EngineOptions] = Field(default_factory=dict, description="Per-model engine options.")
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions, description="Ray cluster options.")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

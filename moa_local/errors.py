@@ -12,6 +12,7 @@
     │   ├── EngineStartError
     │   └── EngineDiedError
     ├── ConversationFailed        too few proposers answered (the failure policy said stop)
+    ├── ServerBusy                the server's request queue is full (HTTP 429)
     ├── MissingDependencyError    an optional package is not installed (names the extra)
     └── NotYetImplemented         a reserved CLI command
 
@@ -80,6 +81,10 @@ class EngineDiedError(EngineError):
 
 class ConversationFailed(MoaError):
     """Fewer proposers than ``min_proposers`` answered a layer of one conversation."""
+
+
+class ServerBusy(MoaError):
+    """The server's request queue is full; the client should retry later (HTTP 429)."""
 
 
 class MissingDependencyError(MoaError):

@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from moa_local.config.recipe import FakeOptions, Recipe
@@ -56,18 +57,25 @@ class FakeEngine(Engine):
         self.options = options or FakeOptions()
         self.responder = responder or default_responder
         self.calls: list[list[Request]] = []
+        self.streams: list[Request] = []
         self.closed = False
         self._lock = threading.Lock()
 
     def _answer(self, request: Request) -> Generation:
         start = time.perf_counter()
-        last = request.messages[-1]["content"] if request.messages else ""
+        last = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         if self.options.fail_if_contains and self.options.fail_if_contains in last:
             return Generation.failed(f"fake failure: request contains {self.options.fail_if_contains!r}")
-        text = self.responder(request, self.model_id)
+        if request.messages and request.messages[-1]["role"] == "assistant":
+            # Continue a partial answer: the words of the whole answer after the ones already written.
+            prefix = request.messages[-1]["content"].split()
+            rest = self.responder(replace(request, messages=request.messages[:-1]), self.model_id).split()[len(prefix):]
+            text = " " + " ".join(rest) if rest else ""
+        else:
+            text = self.responder(request, self.model_id)
         words = text.split()
         if len(words) > request.sampling.max_tokens:
-            text = " ".join(words[: request.sampling.max_tokens])
+            text = (" " if text.startswith(" ") else "") + " ".join(words[: request.sampling.max_tokens])
             finish = "length"
         else:
             finish = "stop"
@@ -86,9 +94,16 @@ class FakeEngine(Engine):
             self.calls.append(list(requests))
         if self.options.latency_s:
             time.sleep(self.options.latency_s)
-        return [self._answer(r) for r in requests]
+        answers = [self._answer(r) for r in requests]
+        if self.options.token_delay_s:
+            time.sleep(self.options.token_delay_s * max((g.usage.completion_tokens for g in answers), default=0))
+        return answers
 
     def stream(self, request: Request) -> Iterator[str]:
+        if self.closed:
+            raise EngineDiedError(f"fake engine '{self.model_id}' is closed")
+        with self._lock:
+            self.streams.append(request)
         gen = self._answer(request)
         if gen.error:
             from moa_local.errors import EngineError
@@ -100,10 +115,15 @@ class FakeEngine(Engine):
         for i in range(0, len(words), step):
             if delay:
                 time.sleep(delay)
+            if self.options.token_delay_s:
+                time.sleep(self.options.token_delay_s * len([w for w in words[i : i + step] if w]))
             yield (" " if i else "") + " ".join(words[i : i + step])
 
     def memory(self) -> MemoryReport:
         return MemoryReport(device="none")
+
+    def is_alive(self) -> bool:
+        return not self.closed
 
     def close(self) -> None:
         self.closed = True

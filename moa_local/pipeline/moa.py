@@ -93,6 +93,11 @@ class MoAPipeline:
         """Run the layers for one conversation, then stream the aggregator's answer as text deltas.
 
         Raises ConversationFailed when the layers leave too few references."""
+        if self.recipe.aggregation == "chunked":  # every layer streams; the aggregator starts on first chunks
+            from moa_local.pipeline.chunked import ChunkedAggregation
+
+            chunked = ChunkedAggregation(self, conversation, progress=progress)
+            return chunked.state, chunked.deltas()
         state = _State(conversation)
         self.run_layers([state], progress=progress)
         if state.error:

@@ -64,11 +64,14 @@ def render_prompt(messages: list[Message], *, prompt_format: str, tokenizer: Cha
 
     chat_template: the tokenizer's own template (its special tokens are in the text, so add_special_tokens=False).
     vicuna: WizardLM-2's "USER: ... ASSISTANT:" format. transcript: a plain transcript for base models.
+    Messages ending with an assistant turn ask the model to *continue* that turn (chunk-wise aggregation).
     """
+    continuing = bool(messages) and messages[-1]["role"] == "assistant"
     if prompt_format == "chat_template":
         if tokenizer is None:
             raise ValueError("chat_template rendering needs the model's tokenizer")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        how = {"continue_final_message": True} if continuing else {"add_generation_prompt": True}
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **how)
         return RenderedPrompt(text=text, stop=(), add_special_tokens=False)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     turns = [m for m in messages if m["role"] != "system"]
@@ -79,13 +82,20 @@ def render_prompt(messages: list[Message], *, prompt_format: str, tokenizer: Cha
                 parts.append(f"USER: {m['content']}")
             else:
                 parts.append(f"ASSISTANT: {m['content']}</s>")
-        parts.append("ASSISTANT:")
+        if continuing:
+            parts[-1] = parts[-1].removesuffix("</s>")
+        else:
+            parts.append("ASSISTANT:")
         return RenderedPrompt(text=" ".join(parts), stop=("USER:",), add_special_tokens=True)
     if prompt_format == "transcript":
         lines = [f"{system}\n"] if system else []
         for m in turns:
             speaker = "User" if m["role"] == "user" else "Assistant"
             lines.append(f"{speaker}: {m['content']}\n")
-        lines.append("Assistant:")
+        if continuing:
+            text = turns[-1]["content"]
+            lines[-1] = "Assistant:" + (text if text[:1].isspace() else f" {text}")
+        else:
+            lines.append("Assistant:")
         return RenderedPrompt(text="\n".join(lines), stop=("\nUser:", "\nSystem:", "\n\n\n"), add_special_tokens=True)
     raise ValueError(f"unknown prompt_format '{prompt_format}'; expected chat_template, vicuna or transcript")

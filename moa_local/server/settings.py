@@ -1,0 +1,22 @@
+"""Settings of the OpenAI-compatible server: where it listens, who may call it, how it gathers requests.
+Pure data (pydantic, closed); the CLI's `serve` options and their help come from these fields."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServerSettings(BaseModel):
+    """How `moa-local serve` listens and batches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean to expose the server.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_key: str | None = Field(
+        None, min_length=1, repr=False, description="Require 'Authorization: Bearer <key>' on /v1/* (or set MOA_LOCAL_API_KEY)."
+    )
+    gather_ms: float = Field(20.0, ge=0, le=10_000, description="Gathering window: requests arriving within it share one batch.")
+    max_batch: int = Field(32, ge=1, le=4096, description="Most requests in one batch.")
+    max_queue: int = Field(256, ge=1, description="Most requests queued or running; more are refused with 429.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")

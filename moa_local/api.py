@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from moa_local.config.recipe import Recipe, override_sampling
 from moa_local.config.registry import load_recipe
 from moa_local.engines import resolve_backend
-from moa_local.engines.pool import EnginePool
 from moa_local.errors import InputError, RecipeError
 from moa_local.pipeline import Conversation, LayerRunner, MoAPipeline, Progress, Result
 from moa_local.prompts import Message
@@ -131,14 +130,11 @@ def load(
     plan = None
     if runner is None:  # plan before loading anything: refuse what cannot fit, then resident pool or phases
         from moa_local.placement import build_hardware, plan_recipe
-        from moa_local.placement.phases import PhasedRunner, planned_options
+        from moa_local.placement.phases import start_runner
 
         hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
         plan = plan_recipe(rec, hardware, backend=chosen)
-        if len(plan.phases) > 1:
-            runner = PhasedRunner.for_plan(rec, plan, backend=chosen)
-        else:
-            runner = EnginePool.for_recipe(rec, backend=chosen, options=planned_options(rec, plan))
+        runner = start_runner(rec, plan, backend=chosen)
     moa = MoA(rec, runner, backend=chosen)
     moa.plan = plan
     return moa

@@ -6,6 +6,8 @@
     parse_gpus("8xH100-80GB") -> list[GpuSpec];  parse_nodes("2x8xH100-80GB");  parse_memory("24GiB")
                                                                            (bad strings raise InputError)
     render_plan(plan) -> rich renderable;  time_estimate(plan) -> str
+    start_runner(recipe, plan, *, backend) -> EnginePool | PhasedRunner   (the engines, as the plan says)
+    PhasedRunner(plan, factory=, options=): a LayerRunner that swaps phases; planned_options(recipe, plan)
 
 Nothing in this package imports torch or vllm.
 """
@@ -21,6 +23,7 @@ from moa_local.placement.hardware import (
     parse_memory,
     parse_nodes,
 )
+from moa_local.placement.phases import PhasedRunner, PhaseStats, planned_options, start_runner
 from moa_local.placement.plan import EnginePlacement, Phase, Plan, Step
 from moa_local.placement.planner import plan_recipe
 from moa_local.placement.report import render_plan, time_estimate
@@ -32,6 +35,8 @@ __all__ = [
     "Hardware",
     "NodeSpec",
     "Phase",
+    "PhaseStats",
+    "PhasedRunner",
     "Plan",
     "Step",
     "build_hardware",
@@ -40,6 +45,8 @@ __all__ = [
     "parse_memory",
     "parse_nodes",
     "plan_recipe",
+    "planned_options",
     "render_plan",
+    "start_runner",
     "time_estimate",
 ]

@@ -2,7 +2,7 @@
 
 Owns: parameter counts (dense and MoE), weight bytes per dtype and quantization, KV-cache bytes per token, the
 per-GPU engine overhead (CUDA context, activation peak of vLLM's profiling run, CUDA graphs), the KV budget left
-under a ``gpu_memory_utilization``, and the vLLM-CPU footprint. Every constant below is an estimate, named and
+under a ``gpu_memory_utilization``, and the vLLM-CPU footprint (calibrated against measured RSS of the tiny models). Every constant below is an estimate, named and
 documented once, and docs/placement.md shows the formulas.
 
 Never imports torch or vllm, never reads weights or files, never decides where an engine goes (planner.py does).
@@ -56,8 +56,20 @@ DEFAULT_MAX_NUM_SEQS = 256
 ACTIVATION_BYTES = 2
 """Activations are 16-bit on GPU."""
 
-CPU_PROCESS_BYTES = int(1.0 * GIB)
-"""vLLM-CPU: resident memory of the engine processes (Python, torch, vllm imports) before weights and KV."""
+CPU_ENGINE_PROCESSES = 3
+"""vLLM-CPU processes per engine: the front end (moa-local's worker, which holds the ``vllm.LLM``), vLLM's EngineCore
+and its model worker (``VLLM::Worker``); each imports torch and vllm."""
+
+CPU_PROCESS_BYTES = int(CPU_ENGINE_PROCESSES * 0.6 * GIB)
+"""vLLM-CPU: resident memory of the three engine processes before any model state: 0.6 GiB each (Python, torch and
+vllm imports, the worker's oneDNN/OpenMP arenas). Calibrated with CPU_BYTES_PER_VOCAB_ENTRY against the tiny models'
+measured RSS (docs/placement.md); SmolLM2's EngineCore alone is 0.65 GiB, 0.06 GiB of it its tokenizer."""
+
+CPU_BYTES_PER_VOCAB_ENTRY = 9_500
+"""vLLM-CPU: bytes per vocabulary entry of tokenizer state held in the three processes (moa-local's tokenizer and
+vLLM's in the front end, the EngineCore's and the worker's own copies: one Gemma-3 tokenizer instance is 0.28 GiB).
+Fitted to the Gemma-3-270M / SmolLM2-135M difference of measured RSS after weights and the packed lm_head are
+taken out (front end +1.10 GiB, EngineCore +0.29 GiB, worker +0.57 GiB for 213k more entries)."""
 
 DEFAULT_CPU_KVCACHE_GIB = 1.0
 """vLLM-CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when a recipe does not set cpu_kvcache_gib."""
@@ -256,7 +268,8 @@ def max_concurrency(kv_tokens: int, *, context_tokens: int) -> int:
 
 @dataclass(frozen=True)
 class CpuEstimate:
-    """vLLM-CPU footprint: weights at the CPU dtype, a fixed KV space, the processes and the profiling peak."""
+    """vLLM-CPU footprint (the RSS of the engine's three processes): weights at the CPU dtype, the packed copy of the
+    output embedding, a fixed KV space, the processes, tokenizer state and the profiling peak."""
 
     model_id: str
     dtype: Dtype
@@ -266,10 +279,20 @@ class CpuEstimate:
     process_bytes: int
     activation_bytes: int
     kv_per_token: int
+    packed_lm_head_bytes: int = 0
+    """vocab x hidden x dtype: vLLM-CPU keeps the (tied) embedding for lookups and packs a oneDNN copy of it for the
+    lm_head matmul (``dispatch_cpu_unquantized_gemm(remove_weight=False)``); other linear layers drop the original."""
+    vocab_bytes: int = 0
+    """Tokenizer state of the three processes: CPU_BYTES_PER_VOCAB_ENTRY x vocabulary size."""
+
+    @property
+    def runtime_bytes(self) -> int:
+        """Everything but weights and KV: processes, packed lm_head, tokenizers, activations."""
+        return self.process_bytes + self.packed_lm_head_bytes + self.vocab_bytes + self.activation_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.process_bytes + self.activation_bytes
+        return self.weights_bytes + self.kv_bytes + self.runtime_bytes
 
     @property
     def kv_tokens(self) -> int:
@@ -277,10 +300,12 @@ class CpuEstimate:
 
 
 def estimate_cpu(model: ModelConfig, options: EngineOptions) -> CpuEstimate:
-    """The CPU-memory footprint of ``model`` under vLLM-CPU (or transformers on CPU) with ``options``."""
+    """The CPU-memory footprint of ``model`` under vLLM-CPU with ``options`` (an upper bound for transformers on
+    CPU, which runs in one process with one tokenizer and no KV preallocation)."""
     arch = model.architecture
     dtype = resolve_dtype(model, options, device="cpu")
     kv_gib = options.cpu_kvcache_gib if options.cpu_kvcache_gib is not None else DEFAULT_CPU_KVCACHE_GIB
+    embedding_bytes = UNQUANTIZED_BYTES if options.quantization else DTYPE_BYTES[dtype]
     return CpuEstimate(
         model_id=model.id,
         dtype=dtype,
@@ -288,6 +313,8 @@ def estimate_cpu(model: ModelConfig, options: EngineOptions) -> CpuEstimate:
         weights_bytes=weight_bytes(count_params(arch), dtype=dtype, quantization=options.quantization),
         kv_bytes=int(kv_gib * GIB),
         process_bytes=CPU_PROCESS_BYTES,
+        packed_lm_head_bytes=arch.vocab_size * arch.hidden_size * embedding_bytes,
+        vocab_bytes=arch.vocab_size * CPU_BYTES_PER_VOCAB_ENTRY,
         activation_bytes=activation_peak_bytes(
             arch, tokens=CPU_MAX_NUM_BATCHED_TOKENS, act_bytes=DTYPE_BYTES[dtype], max_num_seqs=64
         ),

@@ -40,6 +40,11 @@ PROMPT_TOKENS = 1024
 CPU_RESERVE_BYTES = int(0.5 * GIB)
 """CPU-only: memory kept for the orchestrator process (the CLI, the pipeline) out of --cpu-memory."""
 
+CPU_KV_USABLE_FRACTION = 0.9
+"""vLLM-CPU: share of the estimated KV tokens a plan relies on. vLLM rounds the cache to whole blocks and pads hybrid
+(sliding-window + full attention) KV groups: Gemma-3-270M's 1 GiB holds 27,678 tokens, 5 % fewer than its per-token
+size says. A planned max_model_len above what the cache holds would make vLLM refuse to start."""
+
 
 def required_context(recipe: Recipe, model_id: str, *, max_context: int) -> int:
     """Tokens one sequence of this engine needs: prompt budget + references (layers after the first, and the
@@ -269,16 +274,17 @@ def _plan_cpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
             fix = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + f", or {fixes[-1]}"
             raise PlacementError(
                 f"'{model_id}' needs {est.total_bytes / GIB:.1f} GiB of CPU memory at {label(est)} (weights "
-                f"{est.weights_bytes / GIB:.1f} GiB + KV {est.kv_bytes / GIB:.1f} GiB + engine process "
-                f"{(est.process_bytes + est.activation_bytes) / GIB:.1f} GiB); the CPU budget is "
+                f"{est.weights_bytes / GIB:.1f} GiB + KV {est.kv_bytes / GIB:.1f} GiB + engine processes, "
+                f"tokenizers and packed lm_head {est.runtime_bytes / GIB:.1f} GiB); the CPU budget is "
                 f"{max(0, budget) / GIB:.1f} GiB (--cpu-memory less {CPU_RESERVE_BYTES / GIB:.1f} GiB for the "
                 f"orchestrator). Use {fix}."
             )
-        if est.kv_tokens < context:
-            want = math.ceil(context * est.kv_per_token / GIB * 100) / 100
+        if int(est.kv_tokens * CPU_KV_USABLE_FRACTION) < context:
+            want = math.ceil(context * est.kv_per_token / CPU_KV_USABLE_FRACTION / GIB * 100) / 100
             raise PlacementError(
                 f"'{model_id}' needs KV for {context} tokens ({context * est.kv_per_token / GIB:.2f} GiB at "
-                f"{est.dtype}); cpu_kvcache_gib={est.kv_bytes / GIB:g} holds {est.kv_tokens}. "
+                f"{est.dtype}); cpu_kvcache_gib={est.kv_bytes / GIB:g} holds about "
+                f"{int(est.kv_tokens * CPU_KV_USABLE_FRACTION)}. "
                 f"Use cpu_kvcache_gib: {want:g} or a smaller max_model_len."
             )
         estimates[model_id], contexts[model_id] = est, context
@@ -324,7 +330,8 @@ def _plan_cpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
                 weights_gib=round(est.weights_bytes / GIB, 2),
                 kv_gib=round(est.kv_bytes / GIB, 2),
                 kv_tokens=est.kv_tokens,
-                max_model_len=options.max_model_len or min(arch.max_context, est.kv_tokens),
+                max_model_len=options.max_model_len
+                or min(arch.max_context, int(est.kv_tokens * CPU_KV_USABLE_FRACTION) // 16 * 16),
                 min_context=contexts[model_id],
                 cpu_threads=options.cpu_threads or binding[model_id],
                 cpu_kvcache_gib=round(est.kv_bytes / GIB, 3),

@@ -29,8 +29,9 @@ ENGINE_START_S = 30.0
 ENGINE_START_EAGER_S = 10.0
 """The same with enforce_eager (no compile, no graphs)."""
 
-CPU_ENGINE_START_S = 10.0
-"""vLLM-CPU engine start beyond reading weights."""
+CPU_ENGINE_START_S = 30.0
+"""vLLM-CPU engine start beyond reading weights: import vllm, spawn the EngineCore and its worker, allocate the KV
+cache. Measured 21-45 s for the tiny models on an idle 2-core machine (FACTS.md), 40-75 s on a busy one."""
 
 WAKE_S = 1.0
 """Fixed cost of a sleep/wake round (RPCs, re-mapping memory)."""

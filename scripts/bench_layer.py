@@ -211,6 +211,8 @@ def start_server(model_id: str, options: Any, log: Path) -> tuple[subprocess.Pop
             "--seed", "0", "--no-enable-log-requests"]
     if kw["enforce_eager"]:
         args.append("--enforce-eager")
+    if kw.get("enable_chunked_prefill") is False:  # the same scheduler settings as (a) and (b)
+        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(kw["max_num_batched_tokens"])]
     env = {**os.environ, **worker_env(options)}
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, *args], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)

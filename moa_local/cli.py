@@ -352,6 +352,9 @@ def eval(
     temperature: Annotated[float | None, typer.Option(help="Override temperature for every role.")] = None,
     judge_max_tokens: Annotated[int | None, typer.Option(help="The judge's answer budget (default per suite).")] = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Items per batch; every system runs each chunk.")] = 32,
+    proposers_from_moa: Annotated[bool, typer.Option(
+        help="Score each proposer alone on MoA's own layer-1 answers (the same request, one sample) instead of a "
+        "separate generation: cheaper, and a paired comparison. Single-turn suites only.")] = False,
     report_only: Annotated[bool, typer.Option(help="Rebuild report.md and scores.png from results.jsonl.")] = False,
     ray_address: RayAddressOpt = None,
     gpus: GpusOpt = None,
@@ -413,7 +416,7 @@ def eval(
                 _eval_progress() as progress:
             run_eval(chosen, rec, pool, output=folder, baselines=base, limit=limit, judge=judge,
                      judge_max_tokens=judge_max_tokens, reference=reference, chunk_size=chunk_size,
-                     run_info=info, progress=progress)
+                     proposers_from_moa=proposers_from_moa, run_info=info, progress=progress)
     report = write_report(folder)
     table = Table("system", "score", "95% CI", "scored/items", title=f"{suite}: {report.metric}")
     for row in summary_rows(report):

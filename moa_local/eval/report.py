@@ -165,6 +165,10 @@ def render_markdown(report: Report) -> str:
         lines.append(f"| {name} | {r.model} | {score} | {ci} | {scored} / {r.items} | {r.failed} | {r.completion_tokens:,} "
                      f"| {r.completion_tokens / max(1, r.items):.0f} | {r.prompt_tokens:,} | {r.seconds:.0f} "
                      f"| {r.seconds / max(1, r.items):.2f} |")
+    if info.get("proposers_from_moa"):
+        lines += ["", "The `proposer:*` rows are MoA's own layer-1 answers (`--proposers-from-moa`): the same request "
+                  "each proposer alone gets, one sample, read from MoA's trace; their wall s is the slowest layer-1 "
+                  "request of each batch, inside MoA's time."]
     if any(r.judge_seconds for r in report.rows):
         lines += ["", "Judge time (not in wall s): " + ", ".join(f"{r.name} {r.judge_seconds:.0f} s" for r in report.rows)]
     lines += ["", "## Paired differences", "",

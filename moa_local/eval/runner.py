@@ -4,8 +4,10 @@ answer is scored (by rule, or by the judge model on the same runner) and written
 Items go in chunks; within a chunk every system runs (proposers, the aggregator, MoA, then Self-MoA), so a run
 stopped at any point leaves all systems on (nearly) the same items and a rerun skips the (system, item) pairs
 already written. Systems that use disjoint engines run at the same time (the two proposers alone, say): each
-engine has its own cores, so a system's wall time stays its own while the machine stays busy. Self-MoA uses the proposer with the best score so far in this run (the first proposer when no
-score is known yet); once chosen it is kept, also across resumes. Multi-turn items answer turn by turn, each turn
+engine has its own cores, so a system's wall time stays its own while the machine stays busy. Self-MoA uses the
+proposer with the best score so far in this run (the first proposer when no score is known yet); once chosen it is
+kept, also across resumes. With ``proposers_from_moa`` (single-turn suites) the proposers-alone answers are MoA's own
+layer-1 answers, read from its trace: the same request, one sample, no extra generation, and a paired comparison. Multi-turn items answer turn by turn, each turn
 seeing the system's own earlier answers. Never prints: progress goes through a callback.
 """
 
@@ -42,6 +44,7 @@ def run_eval(
     judge_max_tokens: int | None = None,
     reference: str | None = None,
     chunk_size: int = 32,
+    proposers_from_moa: bool = False,
     run_info: dict[str, Any] | None = None,
     progress: EvalProgress | None = None,
 ) -> list[dict[str, Any]]:
@@ -53,7 +56,13 @@ def run_eval(
     check_compatible(records, suite=suite.name, recipe=recipe.name, folder=output)
     done = {(r["system"], r["item"]) for r in records}
     items = suite.items(limit)
+    if proposers_from_moa and any(len(it.turns) > 1 for it in items):
+        raise InputError(f"--proposers-from-moa needs a single-turn suite: in '{suite.name}' MoA's layer 1 of turn 2 "
+                         "sees MoA's own turn-1 answer, not the proposer's")
     systems = build_systems(recipe, baselines)
+    derived = [s for s in systems if s.family == "proposer"] if proposers_from_moa else []
+    if derived and reference in {s.name for s in derived}:
+        raise InputError("--proposers-from-moa cannot take a proposer as the --reference (it is answered after MoA)")
     reference = reference or (GPT4_BASELINE if suite.needs_judge else None)
     if reference not in (None, GPT4_BASELINE):
         names = [s.name for s in systems]
@@ -65,7 +74,7 @@ def run_eval(
     write_run_info(output, {
         **(run_info or {}), "suite": suite.name, "metric": suite.metric, "recipe": recipe.name,
         "items": len(items), "limit": limit, "baselines": list(baselines), "judge": judge, "reference": reference,
-        "chunk_size": chunk_size, "recipe_config": recipe.model_dump(mode="json"),
+        "chunk_size": chunk_size, "proposers_from_moa": bool(derived), "recipe_config": recipe.model_dump(mode="json"),
     })
     judge_sampling = Sampling(temperature=0.0, max_tokens=max(1, judge_max_tokens or suite.judge_max_tokens))
     if progress:  # Self-MoA's bar is "self-moa" until its proposer is chosen
@@ -76,10 +85,12 @@ def run_eval(
     with open_writer(output) as writer:
         for start in range(0, len(items), chunk_size):
             chunk = items[start : start + chunk_size]
-            pending: list[System | None] = [*systems, None] if want_self_moa else list(systems)
+            scheduled = [s for s in systems if s not in derived]
+            pending: list[System | None] = [*scheduled, None] if want_self_moa else list(scheduled)
             while pending:
                 wave = _next_wave(pending, chunk, done, recipe=recipe, records=records, reference=reference,
-                                  judge=judge if suite.needs_judge else None)
+                                  judge=judge if suite.needs_judge else None,
+                                  feeders={"proposer", "moa"} if derived else {"proposer"})
                 with ThreadPoolExecutor(max_workers=max(1, len(wave)), thread_name_prefix="moa-eval") as pool:
                     futures = [
                         pool.submit(_run_one, suite, system, todo, runner, retries=recipe.policy.retries, judge=judge,
@@ -98,7 +109,45 @@ def run_eval(
                     if progress:
                         label = "self-moa" if system.family == "self-moa" else system.name
                         progress(label, sum(1 for it in items if (system.name, it.id) in done), len(items))
+                for system in derived:  # after MoA's wave (or on resume): its layer-1 answers, scored
+                    moa_rows = {r["item"]: r for r in records if r["system"] == "moa"}
+                    todo = [it for it in chunk if (system.name, it.id) not in done and it.id in moa_rows]
+                    if not todo:
+                        continue
+                    answered = _from_moa_layer1(system, todo, moa_rows)
+                    for row in _score(suite, system, todo, answered, runner, judge=judge, judge_sampling=judge_sampling,
+                                      references={it.id: _reference_text(it, reference, records) for it in todo},
+                                      is_reference=False):
+                        row.update(suite=suite.name, recipe=recipe.name, derived_from="moa layer 1")
+                        writer.write(row)
+                        records.append(row)
+                        done.add((row["system"], row["item"]))
+                    if progress:
+                        progress(system.name, sum(1 for it in items if (system.name, it.id) in done), len(items))
     return records
+
+
+def _from_moa_layer1(system: System, items: Sequence[Item], moa_rows: dict[str, dict[str, Any]]) -> _Answered:
+    """A proposer's answers taken from MoA's first layer (its trace): text or error, tokens; the seconds are the
+    slowest of the role's layer-1 requests in the batch (they ran concurrently), so per item they amortize like a
+    batch of its own."""
+    assert system.role is not None
+    out = _Answered(items)
+    slowest = 0.0
+    for i, it in enumerate(items):
+        trace = (moa_rows[it.id].get("trace") or [None])[0]
+        layers = (trace or {}).get("layers") or []
+        resp = next((r for r in (layers[0]["responses"] if layers else []) if r["role"] == system.role.name), None)
+        if resp is None:
+            why = (trace or {}).get("error") or (moa_rows[it.id].get("errors") or [None])[0] or "no layer-1 answer"
+            out.errors[i][0] = f"MoA did not reach layer 1's {system.role.name} answer: {why}"
+            continue
+        out.texts[i][0] = resp["text"] if resp["error"] is None else None
+        out.errors[i][0] = resp["error"]
+        out.usage[i] = Usage(**resp["usage"])
+        slowest = max(slowest, float(resp.get("seconds") or 0.0))
+    out.seconds = slowest
+    return out
 
 
 def _check_engines(runner: LayerRunner, output: Path) -> None:
@@ -114,16 +163,17 @@ def _check_engines(runner: LayerRunner, output: Path) -> None:
 
 
 def _next_wave(pending: list[System | None], chunk: Sequence[Item], done: set[tuple[str, str]], *, recipe: Recipe,
-               records: list[dict[str, Any]], reference: str | None,
-               judge: str | None) -> list[tuple[System, list[Item]]]:
+               records: list[dict[str, Any]], reference: str | None, judge: str | None,
+               feeders: frozenset[str] | set[str] = frozenset({"proposer"})) -> list[tuple[System, list[Item]]]:
     """Take from ``pending`` (in order) the systems that can run together: no two share an engine (each engine has
-    its own cores, so each system's wall time is still its own). Self-MoA (None) waits until the proposers are
-    scored; with a system as the reference, the others wait for it. Systems with nothing to do are dropped."""
+    its own cores, so each system's wall time is still its own). Self-MoA (None) waits until the systems that give
+    the proposers their scores (``feeders``: the proposers, or MoA when their answers come from its layer 1) are
+    done; with a system as the reference, the others wait for it. Systems with nothing to do are dropped."""
     wave: list[tuple[System, list[Item]]] = []
     used: set[str] = set()
     for planned in list(pending):
-        waiting_for_proposers = any(p is not None and p.family == "proposer" for p in pending if p is not planned) \
-            or any(s.family == "proposer" for s, _ in wave)
+        waiting_for_proposers = any(p is not None and p.family in feeders for p in pending if p is not planned) \
+            or any(s.family in feeders for s, _ in wave)
         if planned is None and waiting_for_proposers:
             continue
         if reference is not None and planned is not None and planned.name != reference and (

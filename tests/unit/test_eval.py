@@ -89,6 +89,39 @@ def test_engines_are_shared_single_systems_send_one_request_per_item(fake_recipe
         "a proposer alone gets exactly its MoA layer-1 request"
 
 
+def test_proposers_from_moa_reuse_layer_one_and_send_no_extra_request(fake_recipe: Recipe, tmp_path: Path) -> None:
+    pool = fake_pool(fake_recipe, responder=_math_oracle(4, right={"gemma3-270m"}))
+    records = run_eval(get_suite("math"), fake_recipe, pool, output=tmp_path, baselines=ALL, limit=4, chunk_size=2,
+                       proposers_from_moa=True)
+    smol, gemma = _engines(pool)["smollm2-135m-instruct"], _engines(pool)["gemma3-270m"]
+    # gemma per chunk of 2: MoA's two layers, then Self-MoA of gemma (2 samples per layer, its aggregator); no
+    # proposer-alone call.
+    assert [len(c) for c in gemma.calls] == [2, 2, 4, 4, 2] * 2
+    assert [len(c) for c in smol.calls] == [2, 2, 2, 2] * 2  # MoA layers 1-2 and aggregator, aggregator alone
+    by = {(r["system"], r["item"]): r for r in records}
+    assert len(records) == 4 * 5
+    for item in {r["item"] for r in records}:
+        layer1 = {x["role"]: x for x in by[("moa", item)]["trace"][0]["layers"][0]["responses"]}
+        for role in ("smollm2", "gemma3"):
+            row = by[(f"proposer:{role}", item)]
+            assert row["answers"] == [layer1[role]["text"]] and row["derived_from"] == "moa layer 1"
+            assert row["usage"] == layer1[role]["usage"]
+    assert all(by[("proposer:gemma3", i)]["score"] == 1.0 for i in {r["item"] for r in records})
+    assert any(r["system"] == "self-moa:gemma3" for r in records), "Self-MoA waited for MoA's layer-1 scores"
+    # Resume: MoA rows present, proposer rows lost -> rebuilt from the trace, no engine call.
+    path = tmp_path / "results.jsonl"
+    kept = [x for x in path.read_text().splitlines() if not json.loads(x)["system"].startswith("proposer:")]
+    path.write_text("\n".join(kept) + "\n")
+    pool2 = fake_pool(fake_recipe, responder=_math_oracle(4))
+    again = run_eval(get_suite("math"), fake_recipe, pool2, output=tmp_path, baselines=ALL, limit=4,
+                     proposers_from_moa=True)
+    assert len(again) == 20 and all(not e.calls for e in _engines(pool2).values())
+    assert "MoA's own layer-1 answers" in render_markdown(build_report(tmp_path))
+    with pytest.raises(InputError, match="single-turn"):
+        run_eval(get_suite("mtbench"), fake_recipe, pool2, output=tmp_path / "mt", baselines=ALL, limit=1,
+                 judge="smollm2-135m-instruct", proposers_from_moa=True)
+
+
 def test_self_moa_uses_the_best_proposer_of_the_run(fake_recipe: Recipe, tmp_path: Path) -> None:
     pool = fake_pool(fake_recipe, responder=_math_oracle(4, right={"gemma3-270m"}))
     records = run_eval(get_suite("math"), fake_recipe, pool, output=tmp_path, baselines=ALL, limit=4, chunk_size=2)

@@ -245,7 +245,9 @@ def bench_reference(model_ids: list[str], options: dict[str, Any], prompts: list
         for m, (proc, port) in servers.items():
             wait_healthy(proc, port, logdir / f"server-{m}.log")
         ids = {m: rendered(m, prompts) for m in model_ids}
-        api = {m: OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        # The reference retries a failed call (utils.generate_together: up to 6 tries with back-off); the openai
+        # client's own retries do the same here (a pooled keep-alive connection is sometimes reset under load).
+        api = {m: OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=3, timeout=600)
                for m, (_, port) in servers.items()}
         lock = threading.Lock()
         errors: list[str] = []
@@ -302,6 +304,12 @@ def bench_reference(model_ids: list[str], options: dict[str, Any], prompts: list
 # -- main --------------------------------------------------------------------------------------------------------------
 
 
+def _done(rows: dict[str, dict[str, Any]]) -> None:
+    """Print the variant just measured (so a later failure keeps it in the log)."""
+    name, r = list(rows.items())[-1]
+    print(f"{name}: {r['tokens']} tokens in {r['seconds']:.2f} s = {r['tokens'] / r['seconds']:.1f} tok/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -323,19 +331,19 @@ def main() -> None:
     if "raw" not in args.skip:
         rows["(a) raw vLLM, one LLM.generate per model"] = bench_raw(args.models, split, prompts, args.max_tokens,
                                                                       repeat=args.repeat)
-        print("a done", flush=True)
+        _done(rows)
     if "moa" not in args.skip:
         rows["(b) moa-local layer"] = bench_moa(args.models, split, prompts, args.max_tokens, repeat=args.repeat)
-        print("b done", flush=True)
+        _done(rows)
     if args.shared:
         shared = engine_options(args.models, shared=True)
         rows["(b') moa-local layer, cores shared"] = bench_moa(args.models, shared, prompts, args.max_tokens,
                                                                   repeat=args.repeat)
-        print("b' done", flush=True)
+        _done(rows)
     if "reference" not in args.skip:
         rows[f"(c) reference: OpenAI servers, {args.clients} clients"] = bench_reference(
             args.models, split, prompts, args.max_tokens, clients=args.clients, logdir=args.logdir, repeat=args.repeat)
-        print("c done", flush=True)
+        _done(rows)
 
     print("\n| variant | generated tokens | seconds | tokens/s |\n|---|---|---|---|")
     rate = {}

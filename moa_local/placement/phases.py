@@ -70,6 +70,8 @@ def _decisions(engine: EnginePlacement) -> dict[str, Any]:
         decided["tensor_parallel_size"] = engine.tensor_parallel_size
         if engine.memory_utilization is not None:
             decided["gpu_memory_utilization"] = engine.memory_utilization
+        if engine.swap in SLEEP_LEVELS:  # vLLM can only sleep when started with sleep mode
+            decided["enable_sleep_mode"] = True
     else:
         if engine.cpu_threads is not None:
             decided["cpu_threads"] = engine.cpu_threads

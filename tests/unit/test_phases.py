@@ -290,6 +290,7 @@ def test_gpu_phases_sleep_and_wake_instead_of_reloading() -> None:
             assert options.tensor_parallel_size == e.tensor_parallel_size
             assert options.gpu_memory_utilization == e.memory_utilization
             assert options.max_model_len == e.max_model_len
+            assert options.enable_sleep_mode is (e.swap in ("sleep1", "sleep2"))  # vLLM sleeps only if started so
 
 
 def test_engines_without_sleep_are_reloaded_even_when_the_plan_says_sleep() -> None:

@@ -104,3 +104,36 @@ def test_sampling_is_per_request_and_greedy_ignores_top_p() -> None:
     assert seeded == {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 3, "stop": ["END"],
                       "ignore_eos": True, "skip_special_tokens": True}
     assert sampling_kwargs(Sampling())["stop"] is None
+
+
+def test_sleep_mode_is_passed_on_gpu_only_and_a_cpu_host_refuses_to_sleep() -> None:
+    opts = EngineOptions(enable_sleep_mode=True)
+    assert engine_kwargs(SMOL, opts, device="cuda")["enable_sleep_mode"] is True
+    assert "enable_sleep_mode" not in engine_kwargs(SMOL, opts, device="cpu")
+    assert "enable_sleep_mode" not in engine_kwargs(SMOL, EngineOptions(), device="cuda")
+
+    from moa_local.engines.vllm import VLLMHost
+
+    class FakeLLM:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int | None]] = []
+
+        def sleep(self, level: int = 1) -> None:
+            self.calls.append(("sleep", level))
+
+        def wake_up(self) -> None:
+            self.calls.append(("wake_up", None))
+
+    replies: list[tuple[str, int, object]] = []
+    host = VLLMHost.__new__(VLLMHost)  # the op handling only, without loading a model
+    host.llm, host._pending = FakeLLM(), {}
+    host.device, host.sleep_mode = "cuda", True
+    host.handle("sleep", 7, 2, lambda *r: replies.append(r))
+    host.handle("wake_up", 8, None, lambda *r: replies.append(r))
+    assert host.llm.calls == [("sleep", 2), ("wake_up", None)] and [r[:2] for r in replies] == [("result", 7), ("result", 8)]
+    host.device = "cpu"
+    with pytest.raises(RuntimeError, match="CUDA-only"):
+        host.handle("sleep", 9, 1, lambda *r: None)
+    host.device, host.sleep_mode = "cuda", False
+    with pytest.raises(RuntimeError, match="without sleep mode"):
+        host.handle("sleep", 10, 1, lambda *r: None)

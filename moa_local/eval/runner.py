@@ -82,10 +82,22 @@ def run_eval(
             progress(s.name, sum(1 for it in items if (s.name, it.id) in done), len(items))
         if want_self_moa:
             progress("self-moa", sum(1 for (name, _) in done if name.startswith("self-moa:")), len(items))
+    scheduled = [s for s in systems if s not in derived]
     with open_writer(output) as writer:
+
+        def keep(system: System, rows: list[dict[str, Any]], **extra: Any) -> None:
+            """Write a system's scored rows now, then move its progress bar."""
+            for row in rows:
+                row.update(suite=suite.name, recipe=recipe.name, **extra)
+                writer.write(row)
+                records.append(row)
+                done.add((row["system"], row["item"]))
+            if progress:
+                label = "self-moa" if system.family == "self-moa" else system.name
+                progress(label, sum(1 for it in items if (system.name, it.id) in done), len(items))
+
         for start in range(0, len(items), chunk_size):
             chunk = items[start : start + chunk_size]
-            scheduled = [s for s in systems if s not in derived]
             pending: list[System | None] = [*scheduled, None] if want_self_moa else list(scheduled)
             while pending:
                 wave = _next_wave(pending, chunk, done, recipe=recipe, records=records, reference=reference,
@@ -101,29 +113,17 @@ def run_eval(
                     outputs = [f.result() for f in futures]
                 _check_engines(runner, output)  # a dead engine stops the run; its failures are not results
                 for (system, _), new in zip(wave, outputs, strict=True):
-                    for row in new:
-                        row.update(suite=suite.name, recipe=recipe.name)
-                        writer.write(row)
-                        records.append(row)
-                        done.add((row["system"], row["item"]))
-                    if progress:
-                        label = "self-moa" if system.family == "self-moa" else system.name
-                        progress(label, sum(1 for it in items if (system.name, it.id) in done), len(items))
+                    keep(system, new)
                 for system in derived:  # after MoA's wave (or on resume): its layer-1 answers, scored
                     moa_rows = {r["item"]: r for r in records if r["system"] == "moa"}
                     todo = [it for it in chunk if (system.name, it.id) not in done and it.id in moa_rows]
                     if not todo:
                         continue
                     answered = _from_moa_layer1(system, todo, moa_rows)
-                    for row in _score(suite, system, todo, answered, runner, judge=judge, judge_sampling=judge_sampling,
-                                      references={it.id: _reference_text(it, reference, records) for it in todo},
-                                      is_reference=False):
-                        row.update(suite=suite.name, recipe=recipe.name, derived_from="moa layer 1")
-                        writer.write(row)
-                        records.append(row)
-                        done.add((row["system"], row["item"]))
-                    if progress:
-                        progress(system.name, sum(1 for it in items if (system.name, it.id) in done), len(items))
+                    keep(system, _score(suite, system, todo, answered, runner, judge=judge,
+                                        judge_sampling=judge_sampling, is_reference=False,
+                                        references={it.id: _reference_text(it, reference, records) for it in todo}),
+                         derived_from="moa layer 1")
     return records
 
 

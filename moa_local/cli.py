@@ -410,6 +410,7 @@ def eval(
             from moa_local.placement import build_hardware, plan_recipe, start_runner
 
             hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
+            info["machine"] = hardware.describe()  # the report's header: compare numbers on one machine only
             placed = plan_recipe(pool_recipe, hardware, backend=chosen_backend)
             runner_cm = start_runner(pool_recipe, placed, backend=chosen_backend, log=lambda m: err.print(f"[dim]{m}[/dim]"))
         with runner_cm as pool, \

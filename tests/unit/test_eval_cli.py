@@ -36,7 +36,8 @@ def test_each_suite_runs_end_to_end_on_the_fake_backend(suite: str, tmp_path: Pa
     assert "MoA − best single model" in md and "![scores](scores.png)" in md
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     info = json.loads((out / "run.json").read_text())
-    assert info["backend"] == "fake" and info["items"] == 3
+    assert info["backend"] == "fake" and info["items"] == 3 and "CPU memory" in info["machine"]
+    assert f"machine: {info['machine']}" in md
 
 
 def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -182,18 +182,29 @@ def serve(conn: Connection, host: Host) -> int:
 # -- parent side ----------------------------------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, ...; None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live processes in process group ``pgid`` (Linux /proc; zombies excluded)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = _stat_fields(entry.name)
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
             pids.append(int(entry.name))
     return pids
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +22,7 @@ import moa_local
 from moa_local.config import load_model_config, load_recipe
 from moa_local.config.recipe import Sampling
 from moa_local.engines.base import Request
+from moa_local.engines.worker import pid_alive
 from moa_local.models import is_prepared
 from moa_local.pipeline import MoAPipeline
 
@@ -172,15 +172,8 @@ def test_killed_worker_mid_batch_records_errors_and_the_job_finishes(moa) -> Non
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and gemma.pids():
         time.sleep(0.1)
-    assert gemma.pids() == [] and not any(_running(p) for p in pids)
+    assert gemma.pids() == [] and not any(pid_alive(p) for p in pids)
 
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def test_close_leaves_no_process(moa) -> None:  # type: ignore[no-untyped-def]
@@ -189,7 +182,7 @@ def test_close_leaves_no_process(moa) -> None:  # type: ignore[no-untyped-def]
     assert pids
     moa.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    assert [p for p in pids if _running(p)] == []
+    assert [p for p in pids if pid_alive(p)] == []
     assert not engine.is_alive()

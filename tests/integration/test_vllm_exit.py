@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from moa_local.config import load_model_config
+from moa_local.engines.worker import pid_alive
 from moa_local.models import is_prepared
 
 pytestmark = [
@@ -25,13 +26,6 @@ pytestmark = [
 SMOL = "smollm2-135m-instruct"
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "cpu_kvcache_gib": 1}
 
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def test_sigint_mid_run_leaves_no_worker_behind(tmp_path: Path) -> None:
@@ -71,9 +65,9 @@ def test_sigint_mid_run_leaves_no_worker_behind(tmp_path: Path) -> None:
         assert time.monotonic() - start < 20  # the 4 x 1900-token answers were not awaited
         assert proc.returncode == 130, proc.stderr.read()[-2000:]  # "aborted", not finished
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(p) for p in workers):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in workers):
             time.sleep(0.1)
-        assert [p for p in workers if _running(p)] == []
+        assert [p for p in workers if pid_alive(p)] == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,25 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from moa_local.engines.worker import WorkerProcess, WorkerSpec, group_pids
+from moa_local.engines.worker import WorkerProcess, WorkerSpec, group_pids, pid_alive
 from moa_local.errors import EngineDiedError, EngineStartError
 
 ECHO = "moa_local.engines.worker:EchoHost"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
 
 def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if pid_alive(p)]
 
 
 @pytest.fixture
@@ -119,7 +112,7 @@ def test_workers_die_with_their_parent_even_on_sigkill(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         worker, grandchild = json.loads(parent.stdout.readline())
-        assert _alive(worker) and _alive(grandchild)
+        assert pid_alive(worker) and pid_alive(grandchild)
         parent.kill()  # no atexit, no finally: only the worker's parent watch can clean up
         parent.wait(5)
         assert _wait_gone([worker, grandchild]) == []

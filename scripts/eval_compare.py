@@ -36,7 +36,7 @@ def main() -> None:
     (suite_a, label_a, a), (suite_b, label_b, b) = scores(args.a), scores(args.b)
     if suite_a != suite_b:
         raise SystemExit(f"different suites: {suite_a} vs {suite_b}")
-    common = sorted(set(a) & set(b))
+    common = [item for item in a if item in b]  # A's file order, as report.md pairs them: the same resamples
     if not common:
         raise SystemExit("no item scored by both")
     xa, xb = [a[i] for i in common], [b[i] for i in common]

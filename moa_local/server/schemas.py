@@ -58,6 +58,8 @@ class ChatCompletionRequest(_Closed):
     n: Literal[1] = Field(1, description="Only one choice is supported.")
     user: str | None = Field(None, description="Accepted and ignored.")
     moa_trace: bool = Field(False, description="Extension: add every proposer's answer (the trace) to the response.")
+    moa_events: bool = Field(False, description="Extension (with stream=true): also stream every role's events "
+                             "(data lines with \"object\": \"moa.event\"), so a client can show each layer live.")
 
     @field_validator("stop")
     @classmethod

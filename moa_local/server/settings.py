@@ -16,7 +16,9 @@ class ServerSettings(BaseModel):
     api_key: str | None = Field(
         None, min_length=1, repr=False, description="Require 'Authorization: Bearer <key>' on /v1/* (or set MOA_LOCAL_API_KEY)."
     )
-    gather_ms: float = Field(20.0, ge=0, le=10_000, description="Gathering window: requests arriving within it share one batch.")
-    max_batch: int = Field(32, ge=1, le=4096, description="Most requests in one batch.")
-    max_queue: int = Field(256, ge=1, description="Most requests queued or running; more are refused with 429.")
+    window: int | None = Field(
+        None, ge=1, le=65536,
+        description="Conversations running at once (each enters the scheduler as it arrives); default: from the "
+        "engines' capacity.")
+    max_queue: int = Field(256, ge=0, le=1_000_000, description="Requests that may wait beyond the window; more are refused with 429.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from moa_local.config.recipe import Recipe, override_sampling
-from moa_local.config.registry import load_recipe
+from moa_local.config.registry import format_validation_error, load_recipe
 from moa_local.engines import resolve_backend
 from moa_local.errors import InputError, RecipeError
 from moa_local.pipeline import Conversation, Listener, MoAPipeline, Result, Runner, Schedule, Streamed
@@ -27,6 +27,25 @@ if TYPE_CHECKING:
 
 PromptLike = str | list[Message] | Conversation
 ROLES = ("system", "user", "assistant")
+
+
+def check_text(value: Any, where: str) -> None:
+    """Every string in ``value`` (a JSON value) must be valid Unicode text: no lone surrogates such as "\\ud800",
+    which JSON allows as escapes but no file, tokenizer or HTTP response can carry. Raises InputError."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{where}: holds a lone surrogate (an invalid \\ud800-\\udfff escape); fix the "
+                                 "text") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def validate_messages(messages: Any, *, where: str = "messages") -> list[Message]:
@@ -149,8 +168,10 @@ def load(
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
         rec = override_sampling(rec, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    except (ValidationError, ValueError) as exc:
-        raise RecipeError(f"bad sampling override: {exc}") from exc
+    except ValidationError as exc:
+        raise RecipeError(f"bad sampling override: {format_validation_error(exc)}") from None
+    except ValueError as exc:
+        raise RecipeError(f"bad sampling override: {exc}") from None
     chosen = resolve_backend(backend or rec.backend)
     plan = None
     if runner is None:

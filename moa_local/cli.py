@@ -596,7 +596,7 @@ def _run_app() -> None:
             raise
         from rich.markup import escape  # messages hold brackets, e.g. 'moa-local[ray]'
 
-        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:
         hint = f": {_state['resume']}" if _state["resume"] else ""
@@ -612,12 +612,12 @@ def _run_app() -> None:
         from rich.markup import escape
 
         if line is not None:
-            err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
+            err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
         if _state["debug"]:
             raise
         err.print(f"[red]error:[/red] internal error ({escape(type(exc).__name__)}: {escape(str(exc)[:300])}); "
-                  "rerun with --debug for the traceback", markup=True, highlight=False)
+                  "rerun with --debug for the traceback", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from moa_local.api import validate_messages
+from moa_local.api import check_text, validate_messages
 from moa_local.batch.index import IdIndex
 from moa_local.errors import InputError
 from moa_local.prompts import Message
@@ -40,22 +40,6 @@ class InputRecord:
     id: str
     messages: list[Message]
     line: int
-
-
-def check_text(value: Any, where: str) -> None:
-    """Every string in ``value`` must be valid Unicode text (no lone surrogates such as "\\ud800")."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"{where}: holds a lone surrogate (an invalid \\ud800-\\udfff escape); fix the text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_text(k, where)
-            check_text(v, where)
-    elif isinstance(value, list):
-        for v in value:
-            check_text(v, where)
 
 
 def parse_line(obj: Any, *, line: int) -> InputRecord:

@@ -155,7 +155,7 @@ def run_batch(moa: MoA, job: BatchJob, *, trace: bool = False, keep_journal: boo
                                                                                commit=writer.sync)
         else:
             phase_of, resident, _ = runner_phases(moa.runner)
-            stage = StageScheduler(moa.recipe, moa.runner, window=pipeline.window, phase_of=phase_of,
+            stage = StageScheduler(moa.recipe, moa.runner, window=pipeline.stage_window(), phase_of=phase_of,
                                    start_phase=resident)
             path = journal_path(job.output)
             journal = Journal(path, shape=stage.shape())

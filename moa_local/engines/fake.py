@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 Responder = Callable[[Request, str], str]
 
-RECORD_LIMIT = 10_000
+RECORD_LIMIT = 1_000
 """Requests a FakeEngine remembers (the most recent), so a million-prompt job does not grow its memory."""
 
 _WORDS = (

@@ -373,8 +373,6 @@ class VLLMEngine(Engine):
     def __init__(self, config: ModelConfig, *, options: EngineOptions, start_timeout_s: float | None = None) -> None:
         check_options(config, options)
         path = require_prepared(config)
-        if not options.cpu_threads:  # alone: every allowed core (the pool splits cores between co-resident engines)
-            options = options.model_copy(update={"cpu_threads": format_cores(available_cores())})
         self.model_id = config.id
         self.config = config
         self.options = options

@@ -111,30 +111,33 @@ class MoAPipeline:
         self.last_stage: StageScheduler | None = None
         """The stage scheduler of the last ``run`` under the stage schedule (its ``step_log``)."""
 
+    def stage_window(self) -> int:
+        """Requests in flight within a stage step: as many as the flow window's conversations would send."""
+        return self.window * max(1, len(self.proposers))
+
     def run(self, conversations: Sequence[Conversation], *, listener: Listener | None = None) -> list[Result]:
         """Every conversation through all layers and the aggregator; results in the order given (ids may repeat)."""
         keyed = [Conversation(str(i), c.messages) for i, c in enumerate(conversations)]
         results: dict[int, Result] = {}
+        relay = None
+        if listener is not None:
+            def relay(event: RoleEvent) -> None:
+                listener(replace(event, conversation=conversations[int(event.conversation)].id))
 
         def keep(result: Result) -> None:
             results[int(result.id)] = result
 
         if self.schedule == "stage":
             phase_of, resident, _ = runner_phases(self.runner)
-            stage = StageScheduler(self.recipe, self.runner, window=self.window, phase_of=phase_of,
+            stage = StageScheduler(self.recipe, self.runner, window=self.stage_window(), phase_of=phase_of,
                                    start_phase=resident)
             self.last_stage = stage
             journal = Journal(None, shape=stage.shape())
             try:
-                stage.run(lambda: keyed, keep, journal=journal)
+                stage.run(lambda: keyed, keep, journal=journal, listener=relay)
             finally:
                 journal.close()
         else:
-            relay = None
-            if listener is not None:
-                def relay(event: RoleEvent) -> None:
-                    listener(replace(event, conversation=conversations[int(event.conversation)].id))
-
             FlowScheduler(self.recipe, self.runner, window=self.window).run(keyed, keep, listener=relay)
         out = []
         for i, conversation in enumerate(conversations):

@@ -446,7 +446,7 @@ class StageScheduler:
                 "roles": [str(r.name) for r in self.recipe.proposer_roles()], "aggregator": str(self.recipe.aggregator_role().name)}
 
     def run(self, source: Callable[[], Iterable[Conversation]], on_result: OnResult, *, journal: Journal,
-            progress: Callable[[str, int], None] | None = None) -> None:
+            progress: Callable[[str, int], None] | None = None, listener: Listener | None = None) -> None:
         """Run every step over ``source()`` (called once per step: the job is read again, never held). Results go
         to ``on_result`` (this thread) as each conversation ends; its journal rows are dropped after."""
         for number, (layer, roles) in enumerate(self.steps, start=1):
@@ -458,12 +458,13 @@ class StageScheduler:
                 def step_progress(n: int, _label: str = label) -> None:
                     progress(_label, n)
 
-            sent = self._run_step(layer, roles, source(), on_result, journal, progress=step_progress)
+            sent = self._run_step(layer, roles, source(), on_result, journal, progress=step_progress,
+                                  listener=listener)
             self.step_log.append({"step": number, "layer": layer, "roles": [str(r.name) for r in roles],
                                   "requests": sent, "seconds": round(time.perf_counter() - began, 3)})
 
     def _run_step(self, layer: int, roles: list[Role], conversations: Iterable[Conversation], on_result: OnResult,
-                  journal: Journal, *, progress: Callable[[int], None] | None) -> int:
+                  journal: Journal, *, progress: Callable[[int], None] | None, listener: Listener | None) -> int:
         aggregator = layer > self.recipe.layers
         policy = self.recipe.policy
         state = _StepState()
@@ -475,6 +476,8 @@ class StageScheduler:
             key = next(keys)
             request = build_request(conv, role, references, stage=f"L{layer}" if not aggregator else "agg")
             state.in_flight += 1
+            if listener is not None:
+                listener(RoleEvent("start", conv.id, layer, str(role.name), role.model, aggregator, attempt))
 
             def on_done(gen: Generation) -> None:
                 state.done.put((key, conv, role, references, attempt, gen))
@@ -490,6 +493,9 @@ class StageScheduler:
                 return
             response = to_response(role, gen, attempt)
             journal.put(conv.id, layer, response)
+            if listener is not None:
+                listener(RoleEvent("done", conv.id, layer, response.role, response.model, aggregator, attempt,
+                                   response=response))
             if aggregator:
                 self._emit(conv, journal, on_result)
             if progress is not None:

@@ -202,8 +202,10 @@ class PhasedRunner(Runner):
         def factory(model_id: str, options: EngineOptions) -> Engine:
             return create_engine(load_model_config(model_id), options=options, backend=backend)
 
+        # vLLM-CPU engines load in their own processes on disjoint cores: at once. GPU engines profile the free
+        # memory of their GPUs at start-up, and in-process backends import and load in this process: one by one.
         return cls(plan, factory=factory, options=planned_options(recipe, plan), log=log,
-                   parallel=plan.device != "cuda")
+                   parallel=backend == "vllm" and plan.device == "cpu")
 
     # -- Runner -------------------------------------------------------------------------------------------------
 

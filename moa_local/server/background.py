@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from moa_local.errors import EngineStartError, InputError
+from moa_local.server.limits import server_limits
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -41,10 +42,6 @@ def serve_forever(app: Any, *, sock: socket.socket) -> None:
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3, **server_limits())
     uvicorn.Server(config).run(sockets=[sock])
 
-
-def server_limits() -> dict[str, Any]:
-    """uvicorn settings that bound what one client can hold: idle keep-alive connections close after 5 s."""
-    return {"timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024}
 
 
 class BackgroundServer:

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from moa_local.api import MoA, validate_messages
+from moa_local.api import MoA, check_text, validate_messages
 from moa_local.config.registry import format_validation_error
 from moa_local.errors import (
     ConversationFailed,
@@ -46,6 +46,7 @@ from moa_local.errors import (
 )
 from moa_local.pipeline import RoleEvent
 from moa_local.server.dispatch import Answer, Dispatcher, Event, Job, Overrides
+from moa_local.server.limits import BODY_TIMEOUT_S
 from moa_local.server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -56,6 +57,9 @@ from moa_local.server.schemas import (
     ModelList,
 )
 from moa_local.server.settings import ServerSettings
+
+RETRY_AFTER_S = 2
+"""Seconds a client told 429 (busy) should wait before trying again."""
 
 
 class ApiError(Exception):
@@ -68,7 +72,8 @@ class ApiError(Exception):
         self.body = ErrorBody(error=ErrorDetail(message=message, type=type, code=code, param=param))
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else \
+            {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else None
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=headers)
 
 
@@ -208,16 +213,43 @@ def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
 
 
 async def _read_body(request: Request, limit: int) -> Any:
+    """The body as JSON: refused with 413 as soon as it passes ``limit`` bytes (whatever Content-Length says),
+    408 when it takes longer than BODY_TIMEOUT_S, 400 when it is not JSON, nests too deep, or holds text that is
+    not valid Unicode (a lone surrogate)."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
     try:
-        return json.loads(raw)
+        await asyncio.wait_for(read(), timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                       code="request_timeout") from None
+    try:
+        body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    try:
+        check_text(body, "the request body")
+    except InputError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    return body
 
 
 def _parse(body: Any) -> ChatCompletionRequest:
@@ -225,6 +257,8 @@ def _parse(body: Any) -> ChatCompletionRequest:
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         return ChatCompletionRequest.model_validate(body)
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]["loc"] if exc.errors() else ()
         raise ApiError(400, f"invalid request: {format_validation_error(exc)}", code="invalid_value",

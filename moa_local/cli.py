@@ -547,6 +547,9 @@ def _install_signal_handlers() -> Callable[[], None]:
     def first(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, hard_exit)
         signal.signal(signal.SIGTERM, hard_exit)
+        from moa_local.engines.worker import abandon_all
+
+        abandon_all()  # engine processes go now; finished records are already written
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     signal.signal(signal.SIGINT, first)
@@ -580,8 +583,11 @@ def main() -> None:
     restore = _install_signal_handlers()
     try:
         _run_app()
-    finally:
-        restore()
+    except SystemExit as exc:
+        if exc.code not in (130, 143):  # interrupted: keep the hard-exit handlers until the process ends
+            restore()
+        raise
+    restore()
 
 
 def _run_app() -> None:
@@ -589,7 +595,7 @@ def _run_app() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns exit codes here (Ctrl-C: 130) instead of exiting
             if code == 130:
-                err.print("aborted")
+                raise KeyboardInterrupt
             sys.exit(code)
     except MoaError as exc:
         if _state["debug"]:

@@ -13,8 +13,7 @@
     │   └── EngineDiedError
     ├── ConversationFailed        too few proposers answered (the failure policy said stop)
     ├── ServerBusy                the server's request queue is full (HTTP 429)
-    ├── MissingDependencyError    an optional package is not installed (names the extra)
-    └── NotYetImplemented         a reserved CLI command
+    └── MissingDependencyError    an optional package is not installed (names the extra)
 
 The CLI prints ``str(error)`` on one line and exits with ``exit_code``; tracebacks only with ``--debug``.
 This module imports nothing heavy and knows nothing about engines or the CLI.
@@ -99,9 +98,3 @@ class MissingDependencyError(MoaError):
         )
         self.package = package
         self.extra = extra
-
-
-class NotYetImplemented(MoaError):
-    """A reserved command that a later release provides."""
-
-    exit_code = 2

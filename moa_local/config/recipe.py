@@ -37,6 +37,17 @@ class Role(_Closed):
     system_prompt: str | None = Field(None, description="Extra system prompt for this role.")
     samples: int = Field(1, ge=1, le=64, description="Repeat this proposer N times (Self-MoA); seeds are offset.")
 
+    def with_sampling(self, **changes: object) -> Role:
+        """A copy with these sampling fields changed (``None`` values ignored); validated like the recipe."""
+        update = {k: (list(v) if k == "stop" and isinstance(v, tuple) else v) for k, v in changes.items()
+                  if v is not None}
+        if not update:
+            return self
+        for key in update:
+            if key not in Sampling.model_fields:
+                raise ValueError(f"unknown sampling field '{key}'; expected one of {', '.join(Sampling.model_fields)}")
+        return self.model_copy(update={"sampling": Sampling.model_validate({**self.sampling.model_dump(), **update})})
+
 
 class FailurePolicy(_Closed):
     """What a layer does when proposers fail."""
@@ -170,14 +181,7 @@ class Recipe(_Closed):
 def override_sampling(recipe: Recipe, **changes: object) -> Recipe:
     """A copy of ``recipe`` with the given sampling fields (max_tokens, temperature, seed, ...) set on every role.
     ``None`` values are ignored."""
-    update = {k: v for k, v in changes.items() if v is not None}
-    if not update:
+    if all(v is None for v in changes.values()):
         return recipe
-    for key in update:
-        if key not in Sampling.model_fields:
-            raise ValueError(f"unknown sampling field '{key}'; expected one of {', '.join(Sampling.model_fields)}")
-
-    def apply(role: Role) -> Role:
-        return role.model_copy(update={"sampling": Sampling.model_validate({**role.sampling.model_dump(), **update})})
-
-    return recipe.model_copy(update={"proposers": [apply(r) for r in recipe.proposers], "aggregator": apply(recipe.aggregator)})
+    return recipe.model_copy(update={"proposers": [r.with_sampling(**changes) for r in recipe.proposers],
+                                     "aggregator": recipe.aggregator.with_sampling(**changes)})

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from moa_local.engines.base import (
@@ -72,13 +71,24 @@ class EngineStats:
 
 
 def close_engines(engines: Iterable[tuple[str, Engine]], *, on_closed: Callable[[str], None] | None = None) -> list[str]:
-    """Close each engine, the others anyway when one fails; returns "model: error" for those that failed."""
-    errors = []
-    for model_id, engine in engines:
+    """Close the engines at once (each shuts its own processes down), the others anyway when one fails; returns
+    "model: error" for those that failed."""
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def close(model_id: str, engine: Engine) -> None:
         try:
             engine.close()
         except Exception as exc:  # close the others anyway; the caller reports
-            errors.append(f"{model_id}: {exc}")
+            with lock:
+                errors.append(f"{model_id}: {exc}")
+
+    threads = [(model_id, threading.Thread(target=close, args=(model_id, engine), name=f"moa-close-{model_id}",
+                                           daemon=True)) for model_id, engine in engines]
+    for _, t in threads:
+        t.start()
+    for model_id, t in threads:
+        t.join()
         if on_closed is not None:
             on_closed(model_id)
     return errors
@@ -117,17 +127,28 @@ class EnginePool(Runner):
     def start_parallel(self, model_ids: Sequence[str], factory: EngineFactory) -> dict[str, Exception]:
         """Start engines for ``model_ids`` at once; returns {model id: error} for those that failed."""
         self._log(f"starting engines for {', '.join(model_ids)} at once ...")
-        pool = ThreadPoolExecutor(max_workers=len(model_ids), thread_name_prefix="moa-start")
+        started: dict[str, Engine | Exception] = {}
+
+        def start(model_id: str) -> None:
+            try:
+                started[model_id] = factory(model_id)
+            except Exception as exc:  # kept to report; the others still start (and are closed by the caller)
+                started[model_id] = exc
+
+        # Daemon threads: a Ctrl-C during the load must not wait for engines that are still loading (the worker
+        # module kills them).
+        threads = [threading.Thread(target=start, args=(m,), name=f"moa-start-{m}", daemon=True) for m in model_ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         errors: dict[str, Exception] = {}
-        try:
-            futures = {m: pool.submit(factory, m) for m in model_ids}
-            for model_id, future in futures.items():
-                try:
-                    self.add(model_id, future.result())
-                except Exception as exc:  # keep the others to close them
-                    errors[model_id] = exc
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for model_id in model_ids:
+            outcome = started[model_id]
+            if isinstance(outcome, Exception):
+                errors[model_id] = outcome
+            else:
+                self.add(model_id, outcome)
         return errors
 
     def engine(self, model_id: str) -> Engine:

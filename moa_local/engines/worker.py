@@ -221,10 +221,33 @@ _LIVE: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
 _ATEXIT_REGISTERED = False
 
 
+_ABANDONED = threading.Event()
+
+
 def _close_all() -> None:
     for worker in list(_LIVE):
         with contextlib.suppress(Exception):
             worker.close(grace_s=3.0)
+
+
+def _quiet_resource_tracker() -> None:
+    """Workers killed on Ctrl-C leave vLLM's shared-memory segments and semaphores registered with the resource
+    tracker this process starts for its children; the tracker unlinks them at exit, as it should, but also prints a
+    warning per kind on the user's terminal. Its warnings follow this interpreter's -W options: silence that one."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+
+
+def abandon_all() -> None:
+    """The user interrupted (Ctrl-C, SIGTERM): kill every worker's process group now, those still starting too, and
+    make every later ``close`` skip the graceful shutdown. Nothing a worker holds needs saving (finished answers
+    are already with the caller), and a stop must take seconds, not a graceful engine shutdown per model."""
+    _ABANDONED.set()
+    for worker in list(_LIVE):
+        worker._signal_group(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(worker.pid, signal.SIGKILL)
 
 
 def _register(worker: WorkerProcess) -> None:
@@ -252,6 +275,7 @@ class WorkerProcess:
         self._next_id = 1
         self._dead: str | None = None
         self._closed = False
+        _quiet_resource_tracker()  # before the first spawn starts the tracker with these options
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         if not spec.parent_pid:
@@ -449,11 +473,13 @@ class WorkerProcess:
             return
         self._closed = True
         _LIVE.discard(self)
-        if self.process.is_alive():
+        if _ABANDONED.is_set():
+            grace_s = 0.0
+        if self.process.is_alive() and grace_s > 0:
             with contextlib.suppress(OSError, ValueError), self._send_lock:
                 self._conn.send(("shutdown", 0, None))
             self.process.join(grace_s)
-        if self.process.is_alive():
+        if self.process.is_alive() and grace_s > 0:
             self._signal_group(signal.SIGTERM)
             self.process.join(3.0)
         # SIGKILL whatever is left in the group (an EngineCore that outlived its parent, executor workers).
@@ -472,54 +498,3 @@ class WorkerProcess:
     def pids(self) -> list[int]:
         """The live processes of this worker's tree (the worker and everything it started)."""
         return group_pids(self.pgid)
-
-
-# -- a host for tests of the process machinery (no model) -----------------------------------------------------------
-
-
-class EchoHost:
-    """A test double: "generate" answers a list of strings upper-cased after ``delay_s``; "stream" yields the words
-    of one string; "crash" makes the worker exit at once. Lets tests check spawn, death and shutdown without vLLM."""
-
-    def __init__(self, *, delay_s: float = 0.0, fail_start: bool = False, start_delay_s: float = 0.0) -> None:
-        time.sleep(start_delay_s)
-        if fail_start:
-            print("echo host: refusing to start as asked", file=sys.stderr)
-            raise RuntimeError("asked to fail")
-        self.delay_s = delay_s
-        self.info = {"pid": os.getpid(), "pgid": os.getpgid(0), "env": dict(os.environ)}
-        self._due: list[tuple[float, int, Any]] = []
-
-    def handle(self, op: str, call_id: int, payload: Any, reply: Reply) -> None:
-        if op == "crash":
-            os._exit(3)
-        if op == "spawn_child":  # a grandchild in the group, like vLLM's EngineCore
-            import subprocess
-
-            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-            reply("result", call_id, proc.pid)
-            return
-        if op == "generate":
-            self._due.append((time.monotonic() + self.delay_s, call_id, [str(p).upper() for p in payload]))
-            return
-        if op == "stream":
-            for word in str(payload).split():
-                reply("delta", call_id, word)
-            reply("result", call_id, None)
-            return
-        if op == "abort":
-            return
-        raise ValueError(f"unknown op '{op}'")
-
-    def busy(self) -> bool:
-        return bool(self._due)
-
-    def step(self, reply: Reply) -> None:
-        now = time.monotonic()
-        for item in [d for d in self._due if d[0] <= now]:
-            self._due.remove(item)
-            reply("result", item[1], item[2])
-        time.sleep(0.005)
-
-    def close(self) -> None:
-        self._due.clear()

@@ -7,6 +7,7 @@ messages into generations and hands the texts back. Nothing here imports an engi
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,32 +89,27 @@ def package_file(module: str, relative: str, *, package: str, purpose: str) -> P
 SuiteFactory = Callable[[], Suite]
 
 
+SUITES: dict[str, str] = {
+    "ifeval": "moa_local.eval.ifeval:IFEval",
+    "humaneval": "moa_local.eval.humaneval:HumanEval",
+    "mtbench": "moa_local.eval.mtbench:MTBench",
+    "alpacaeval": "moa_local.eval.alpacaeval:AlpacaEval",
+    "math": "moa_local.eval.math:MathSuite",
+}
+"""Suite name -> "module:class". A suite module is imported only when its suite is asked for."""
+
+
 def suite_names() -> list[str]:
-    return ["ifeval", "humaneval", "mtbench", "alpacaeval", "math"]
+    return list(SUITES)
 
 
 def get_suite(name: str, **options: Any) -> Suite:
     """A suite by name. Imports only that suite's module. Options go to the suite's constructor."""
-    if name == "ifeval":
-        from moa_local.eval.ifeval import IFEval
+    where = SUITES.get(name)
+    if where is None:
+        from moa_local.errors import InputError
 
-        return IFEval(**options)
-    if name == "humaneval":
-        from moa_local.eval.humaneval import HumanEval
-
-        return HumanEval(**options)
-    if name == "mtbench":
-        from moa_local.eval.mtbench import MTBench
-
-        return MTBench(**options)
-    if name == "alpacaeval":
-        from moa_local.eval.alpacaeval import AlpacaEval
-
-        return AlpacaEval(**options)
-    if name == "math":
-        from moa_local.eval.math import MathSuite
-
-        return MathSuite(**options)
-    from moa_local.errors import InputError
-
-    raise InputError(f"unknown suite '{name}'; expected one of {', '.join(suite_names())}")
+        raise InputError(f"unknown suite '{name}'; expected one of {', '.join(suite_names())}")
+    module, _, cls = where.partition(":")
+    suite: Suite = getattr(importlib.import_module(module), cls)(**options)
+    return suite

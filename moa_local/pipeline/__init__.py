@@ -1,16 +1,11 @@
-"""The MoA pipeline: layers, reference injection, failure policy, traces, and the scheduler that feeds the engines.
+"""The MoA pipeline: layers, reference injection, failure policy, traces, and the schedules that feed the engines.
 Knows engines only by their interface (a Runner), never which backend or where they live."""
 
 from moa_local.engines.base import Runner
+from moa_local.pipeline.flow import FlowScheduler
 from moa_local.pipeline.moa import LayerRunner, MoAPipeline, Streamed, failure_error
-from moa_local.pipeline.scheduler import (
-           Conversation,
-           FlowScheduler,
-           Listener,
-           RoleEvent,
-           Schedule,
-           StageScheduler,
-)
+from moa_local.pipeline.scheduler import Conversation, Listener, RoleEvent, Schedule
+from moa_local.pipeline.stage import StageScheduler
 from moa_local.pipeline.trace import LayerTrace, Response, Result
 
 __all__ = ["Conversation", "FlowScheduler", "LayerRunner", "LayerTrace", "Listener", "MoAPipeline", "Response",

@@ -20,18 +20,18 @@ from dataclasses import replace
 from moa_local.config.recipe import Recipe
 from moa_local.engines.base import Runner
 from moa_local.errors import ConversationFailed, EngineDiedError, EngineError, MoaError, PromptTooLongError
+from moa_local.pipeline.flow import FlowScheduler
 from moa_local.pipeline.journal import Journal
 from moa_local.pipeline.scheduler import (
     Conversation,
-    FlowScheduler,
     Listener,
     RoleEvent,
     Schedule,
-    StageScheduler,
     choose_schedule,
     default_window,
     runner_phases,
 )
+from moa_local.pipeline.stage import StageScheduler
 from moa_local.pipeline.trace import Result
 
 LayerRunner = Runner

@@ -10,7 +10,7 @@ Owns three things:
   to its engine at once. A request for another phase waits; once nothing is in flight on the resident phase, a
   switcher thread swaps to the phase of the oldest waiting request and releases every request waiting for it (and
   while some request waits, new ones for the resident phase wait too, so no phase starves). The stage scheduler
-  (pipeline/scheduler.py) submits one step of ``plan.schedule`` for the whole job at a time, so a job swaps once per
+  (pipeline/stage.py) submits one step of ``plan.schedule`` for the whole job at a time, so a job swaps once per
   phase change of the schedule whatever its size. Swapping: an engine the plan puts to sleep (``sleep1``/``sleep2``,
   GPU only) is sent ``sleep(level)`` and later ``wake_up()``; every other engine is closed and started again (CPU:
   vLLM sleep mode is CUDA-only). The leaving phase is out before the next one starts, so a memory budget that holds
@@ -220,6 +220,10 @@ class PhasedRunner(Runner):
 
     def model_ids(self) -> list[str]:
         return list(self._phase_of)
+
+    def engine(self, model_id: str) -> Engine:
+        """The resident engine of ``model_id`` (EngineError when it is not resident)."""
+        return self._pool.engine(model_id)
 
     def submit(self, model_id: str, request: Request, *, on_done: OnDone, on_delta: OnDelta | None = None) -> Ticket:
         phase = self._phase_of.get(model_id)

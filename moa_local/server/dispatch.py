@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from moa_local.api import MoA
-from moa_local.config.recipe import Recipe, Role, Sampling
+from moa_local.config.recipe import Recipe, Role
 from moa_local.config.registry import load_model_config
 from moa_local.engines.base import Generation, Request, Ticket
 from moa_local.errors import (
@@ -255,9 +255,8 @@ class Dispatcher:
             r for r in self.recipe.proposers if r.model == job.target
         )
         o = job.overrides
-        changes = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed,
-                   "stop": o.stop}
-        return _with_sampling(base, {k: v for k, v in changes.items() if v is not None})
+        return base.with_sampling(max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed,
+                                  stop=o.stop)
 
     def _run_single(self, job: Job) -> None:
         role = self._single_role(job)
@@ -287,25 +286,15 @@ class Dispatcher:
         return [self._single_role(job).model_copy(update={"name": job.target})]
 
 
-def _with_sampling(role: Role, changes: dict[str, Any]) -> Role:
-    if not changes:
-        return role
-    if "stop" in changes and changes["stop"] is not None:
-        changes = {**changes, "stop": list(changes["stop"])}
-    return role.model_copy(update={"sampling": Sampling.model_validate({**role.sampling.model_dump(), **changes})})
-
-
-def _variant(recipe: Recipe, overrides: Overrides) -> Recipe:
+def _variant(recipe: Recipe, o: Overrides) -> Recipe:
     """``recipe`` with a request's overrides: temperature/top_p/seed on every role, max_tokens/stop on the
     aggregator."""
-    every = {k: v for k, v in (("temperature", overrides.temperature), ("top_p", overrides.top_p),
-                               ("seed", overrides.seed)) if v is not None}
-    final = {k: v for k, v in (("max_tokens", overrides.max_tokens), ("stop", overrides.stop)) if v is not None}
-    if not every and not final:
+    every = {"temperature": o.temperature, "top_p": o.top_p, "seed": o.seed}
+    if all(v is None for v in (*every.values(), o.max_tokens, o.stop)):
         return recipe
     return recipe.model_copy(update={
-        "proposers": [_with_sampling(r, every) for r in recipe.proposers],
-        "aggregator": _with_sampling(recipe.aggregator, {**every, **final}),
+        "proposers": [r.with_sampling(**every) for r in recipe.proposers],
+        "aggregator": recipe.aggregator.with_sampling(**every, max_tokens=o.max_tokens, stop=o.stop),
     })
 
 

@@ -214,3 +214,20 @@ def test_greedy_fake_is_deterministic() -> None:
 def test_bad_prompts_are_rejected_before_running(bad: object) -> None:
     with load("fake") as moa, pytest.raises(InputError):
         moa.run([bad])  # type: ignore[list-item]
+
+
+def test_a_layer_failed_by_one_kind_of_error_keeps_that_kind(fake_recipe: Recipe) -> None:
+    """Every proposer refusing the prompt as too long is a too_long conversation (HTTP 400), not a generic failure."""
+    pool = fake_pool(fake_recipe)
+    for engine in _engines(pool).values():
+        def submit(request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
+            on_done(Generation.failed("prompt of 9000 tokens exceeds max_model_len 2048", kind="too_long"))
+            return DONE_TICKET
+
+        engine.submit = submit  # type: ignore[method-assign]
+    (res,) = MoAPipeline(fake_recipe, pool).run([Conversation("x", [{"role": "user", "content": "q"}])])
+    assert not res.ok and res.kind == "too_long" and "only 0 of 2 proposers answered" in (res.error or "")
+    from moa_local.errors import PromptTooLongError
+    from moa_local.pipeline import failure_error
+
+    assert isinstance(failure_error(res), PromptTooLongError)

@@ -17,7 +17,7 @@ import pytest
 from moa_local.engines.worker import WorkerProcess, WorkerSpec, group_pids, pid_alive
 from moa_local.errors import EngineDiedError, EngineStartError
 
-ECHO = "moa_local.engines.worker:EchoHost"
+ECHO = "moa_local.engines.echo:EchoHost"
 
 
 
@@ -100,7 +100,7 @@ _PARENT = """
 import json, sys, time
 from moa_local.engines.worker import WorkerProcess, WorkerSpec
 if __name__ == "__main__":
-    w = WorkerProcess(WorkerSpec(name="orphan", host="moa_local.engines.worker:EchoHost", log_path=sys.argv[1]),
+    w = WorkerProcess(WorkerSpec(name="orphan", host="moa_local.engines.echo:EchoHost", log_path=sys.argv[1]),
                       start_timeout_s=30)
     print(json.dumps([w.pid, w.call("spawn_child", None)]), flush=True)
     time.sleep(600)

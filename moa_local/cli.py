@@ -547,6 +547,7 @@ def _install_signal_handlers() -> Callable[[], None]:
     def first(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, hard_exit)
         signal.signal(signal.SIGTERM, hard_exit)
+        _state["signal"] = signum
         from moa_local.engines.worker import abandon_all
 
         abandon_all()  # engine processes go now; finished records are already written
@@ -605,9 +606,12 @@ def _run_app() -> None:
         err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt) as exc:
+        import signal
+
         hint = f": {_state['resume']}" if _state["resume"] else ""
-        err.print(f"interrupted{hint}", highlight=False)
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
+        err.print(f"interrupted{hint}", highlight=False, soft_wrap=True)
+        terminated = isinstance(exc, Terminated) or _state.get("signal") == signal.SIGTERM
+        sys.exit(143 if terminated else 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # usage errors, and anything unexpected: one line, a traceback only with --debug

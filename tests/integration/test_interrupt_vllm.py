@@ -150,5 +150,6 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     proc.wait(timeout=30)
-    assert proc.returncode == 130 and time.monotonic() - start < 3
+    # 130 from our handler, or -SIGINT when the second signal lands while the interpreter is already finishing
+    assert proc.returncode in (130, -signal.SIGINT) and time.monotonic() - start < 3, proc.returncode
     no_engine_left(pids)

@@ -45,12 +45,11 @@ class _Flight:
     __slots__ = ("conv", "recipe", "proposers", "aggregator", "on_result", "listener", "watch", "layers", "stage",
                  "responses", "attempts", "open", "tickets", "started", "finished", "written", "counted")
 
-    def __init__(self, conv: Conversation, recipe: Recipe, *, on_result: OnResult, listener: Listener | None,
-                 watch: Watch) -> None:
+    def __init__(self, conv: Conversation, recipe: Recipe, roles: tuple[list[Role], Role], *, on_result: OnResult,
+                 listener: Listener | None, watch: Watch) -> None:
         self.conv = conv
         self.recipe = recipe
-        self.proposers = recipe.proposer_roles()
-        self.aggregator = recipe.aggregator_role()
+        self.proposers, self.aggregator = roles
         self.on_result = on_result
         self.listener = listener
         self.watch = watch
@@ -96,6 +95,16 @@ class FlowScheduler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._roles: dict[int, tuple[Recipe, tuple[list[Role], Role]]] = {}
+
+    def _roles_of(self, recipe: Recipe) -> tuple[list[Role], Role]:
+        """A recipe's expanded proposer roles and its aggregator role, computed once per recipe object."""
+        cached = self._roles.get(id(recipe))
+        if cached is None or cached[0] is not recipe:
+            if len(self._roles) > 256:
+                self._roles.clear()
+            cached = self._roles[id(recipe)] = (recipe, (recipe.proposer_roles(), recipe.aggregator_role()))
+        return cached[1]
 
     # -- batch: drive a whole source in this thread ----------------------------------------------------------
 
@@ -118,7 +127,8 @@ class FlowScheduler:
                     if conv is None:
                         source = None
                         break
-                    flight = _Flight(conv, self.recipe, on_result=lambda r: None, listener=listener, watch=watch)
+                    flight = _Flight(conv, self.recipe, self._roles_of(self.recipe), on_result=lambda r: None,
+                                     listener=listener, watch=watch)
                     flight.on_result = lambda r, f=flight: done(r, f)  # type: ignore[misc]
                     flights.add(flight)
                     self._begin(flight)
@@ -146,7 +156,10 @@ class FlowScheduler:
         """Admit a conversation now (or queue it when the window is full); ``on_result`` and the listener are called
         from the scheduler's threads. ``recipe``: this conversation's own variant of the scheduler's recipe (per-request
         sampling). Raises ServerBusy when the window and the queue are full, EngineDiedError once closed."""
-        flight = _Flight(conv, recipe or self.recipe, on_result=on_result, listener=listener, watch=watch)
+        recipe = recipe or self.recipe
+        with self._lock:
+            roles = self._roles_of(recipe)
+        flight = _Flight(conv, recipe, roles, on_result=on_result, listener=listener, watch=watch)
         with self._lock:
             if self._closed:
                 raise EngineDiedError("the scheduler is shutting down")

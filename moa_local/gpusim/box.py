@@ -104,7 +104,8 @@ class Box:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 ledger = json.loads((self.path / "ledger.json").read_text())
-                ledger["allocs"] = [a for a in ledger["allocs"] if _alive(a["pid"])]  # the driver frees the dead
+                alive = {pid: _alive(pid) for pid in {a["pid"] for a in ledger["allocs"]}}
+                ledger["allocs"] = [a for a in ledger["allocs"] if alive[a["pid"]]]  # the driver frees the dead
                 yield ledger
                 tmp = self.path / "ledger.json.tmp"
                 tmp.write_text(json.dumps(ledger))

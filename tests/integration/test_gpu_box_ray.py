@@ -70,7 +70,7 @@ def test_tensor_parallel_engines_on_ray_start_on_their_bundles_gpus(local_ray: B
     assert all(r.ok for r in results), [r.error for r in results]
     starts = {e["engine"]: e for e in box.events("start")}
     assert set(starts) == set(MODELS)
-    for model_id, e in starts.items():
+    for e in starts.values():
         assert e["kwargs"]["distributed_executor_backend"] == "ray"
         assert len(e["gpus"]) == 2  # its two bundles' GPUs, as Ray assigned them
     a, b = (set(starts[m]["gpus"]) for m in MODELS)

@@ -285,6 +285,8 @@ def plan(
     cpu_cores: CpuCoresOpt = None,
     backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (keys models, phases, schedule, ...).")] = False,
+    launch: Annotated[bool, typer.Option("--launch", help="Print what will be started instead: per phase and engine, "
+                                         "its environment (CUDA_VISIBLE_DEVICES, ...) and vLLM engine arguments.")] = False,
 ) -> None:
     """Plan a recipe's placement before anything loads: memory per model, GPUs or cores, phases, time estimate.
     Needs neither torch nor vllm. A recipe that cannot fit exits with code 4 and the fix."""
@@ -294,6 +296,11 @@ def plan(
     rec = load_recipe(recipe)
     hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
     placed = plan_recipe(rec, hardware, backend=backend)
+    if launch:
+        from moa_local.placement.launch import print_launch
+
+        print_launch(rec, placed, as_json=as_json)
+        return
     if as_json:
         sys.stdout.write(placed.to_json() + "\n")
         return

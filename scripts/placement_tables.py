@@ -51,11 +51,13 @@ MODELS = [
     "gemma3-270m",
 ]
 CONSTANTS = [
-    (memory, "CUDA_CONTEXT_BYTES", "per engine per GPU: CUDA context, cuBLAS workspaces"),
-    (memory, "NCCL_BYTES", "per GPU of a tensor-parallel engine: NCCL and all-reduce buffers"),
-    (memory, "CUDA_GRAPH_BYTES", "per GPU, unless enforce_eager"),
-    (memory, "DEFAULT_MAX_NUM_BATCHED_TOKENS", "tokens of vLLM's profiling forward pass"),
-    (memory, "DEFAULT_MAX_NUM_SEQS", "sequences whose float32 logits the profiling run samples"),
+    (memory, "CUDA_CONTEXT_BYTES", "per engine per GPU: CUDA context, cuBLAS workspaces (before vLLM's budget)"),
+    (memory, "NCCL_BYTES", "per GPU of a tensor-parallel engine: NCCL and all-reduce buffers (before the budget)"),
+    (memory, "CUDA_GRAPH_BYTES", "per GPU, unless enforce_eager; stays while the engine sleeps"),
+    (memory, "DEFAULT_MAX_NUM_BATCHED_TOKENS", "tokens of vLLM's profiling forward pass (passed explicitly)"),
+    (memory, "DEFAULT_MAX_NUM_SEQS", "sequences of the profiling run's sampler warm-up (passed explicitly)"),
+    (memory, "SAMPLER_BYTES_PER_LOGIT", "sampler warm-up bytes per sequence and vocabulary entry"),
+    (memory, "KV_HEADROOM", "KV for this many times an engine's required context"),
     (memory, "QUANT_GROUP_SIZE", "AWQ/GPTQ group size (fp16 scale + 4-bit zero per group)"),
     (memory, "CPU_ENGINE_PROCESSES", "vLLM-CPU processes per engine: front end, EngineCore, model worker"),
     (memory, "CPU_PROCESS_BYTES", "vLLM-CPU: the three processes before any model state (0.6 GiB each)"),

@@ -152,7 +152,11 @@ def cpu_count(binding: str | None) -> int:
 def engine_options(planned: EngineOptions, engine: EnginePlacement, *, backend: str) -> EngineOptions:
     """The options an engine starts with: the plan's (``placement.phases.planned_options``: the recipe's, with the
     plan's decisions where the recipe left a value unset), plus vLLM's Ray executor for a multi-GPU vLLM engine,
-    whose workers must take their GPUs from the placement group."""
+    whose workers must take their GPUs from the placement group. The plan's GPU indices are dropped: on Ray the
+    placement group decides the GPUs (Ray sets CUDA_VISIBLE_DEVICES per actor and per vLLM Ray worker), and plan
+    indices are global over nodes, not the actor's CUDA indices."""
+    if planned.gpus is not None:
+        planned = planned.model_copy(update={"gpus": None})
     if (
         engine.device == "cuda"
         and backend == "vllm"

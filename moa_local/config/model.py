@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 PromptFormat = Literal["chat_template", "vicuna", "transcript"]
+SystemPrompt = Literal["system_role", "first_user_turn"]
 
 
 class _Closed(BaseModel):
@@ -86,6 +87,17 @@ class ModelConfig(_Closed):
         "chat_template",
         description="chat_template: the tokenizer's own template; vicuna: the Vicuna-style template "
         "(WizardLM-2); transcript: a plain 'User:/Assistant:' transcript with stop strings, for base models.",
+    )
+    system_prompt: SystemPrompt = Field(
+        "system_role",
+        description="Where system text (the role's system prompt, layer-k>1 references) goes: system_role: a system "
+        "message for the chat template; first_user_turn: prepended to the first user turn, for templates that drop "
+        "or refuse a system role (see model_configs/chat_templates/SOURCES.md).",
+    )
+    stop_tokens: list[str] = Field(
+        default_factory=list,
+        description="End-of-turn tokens the engine stops at besides the tokenizer's EOS and the weights folder's "
+        "generation_config.json eos_token_id (e.g. <|eot_id|> for Llama 3), for folders without that file.",
     )
     dtype: Dtype = Field("bfloat16", description="Default weight dtype on GPU.")
     cpu_dtype: Dtype = Field("float32", description="Dtype on CPU (bf16 is ~3x slower on AVX2 CPUs).")

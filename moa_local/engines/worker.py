@@ -130,6 +130,10 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     _redirect_output(spec.log_path)
     _watch_parent(spec.parent_pid or os.getppid())
     os.environ.update(spec.env)
+    if os.environ.get("MOA_LOCAL_GPU_SIM"):  # tests: the simulated GPU server's stand-in vllm (moa_local/gpusim)
+        from moa_local.gpusim import install
+
+        install()
     try:
         host = _load_host(spec.host)(**spec.host_args)
     except BaseException as exc:  # report any start failure, then exit

@@ -47,6 +47,22 @@ CARD_CATALOG_MIB: dict[str, int] = {
 }
 """Known cards: ``memory.total`` in MiB as nvidia-smi reports it for the common SKU."""
 
+CARD_CUDA_MIB: dict[str, int] = {
+    "A100-40GB": 40339,
+    "A100-80GB": 81051,
+    "H100-80GB": 81079,
+    "H200-141GB": 143156,
+    "RTX4090-24GB": 24210,
+}
+"""Known cards: the total CUDA reports (``cudaMemGetInfo`` / ``torch.cuda.get_device_properties().total_memory``),
+in MiB; the driver keeps the rest of ``memory.total`` for itself. vLLM budgets ``gpu_memory_utilization`` against
+this total (v1/worker/utils.py ``request_memory``: ``init_snapshot.total_memory``). Published deviceQuery /
+torch outputs: H100 80GB HBM3 85017755648 B, A100-SXM4-80GB 84987740160 B, A100-SXM4-40GB 42298834944 B,
+RTX 4090 (Linux) 25386352640 B, H200 143156 MiB."""
+
+CUDA_VISIBLE_FRACTION = 0.98
+"""Cards not in CARD_CUDA_MIB: the share of ``memory.total`` assumed visible to CUDA (known cards: 0.985-0.996)."""
+
 _ALIASES: dict[str, str] = {
     "H100": "H100-80GB",
     "H200": "H200-141GB",
@@ -109,10 +125,18 @@ class GpuSpec(_Closed):
         description="Card name (catalog name, nvidia-smi name, or the size for anonymous cards)."
     )
     memory_bytes: int = Field(gt=0, description="memory.total in bytes, as nvidia-smi reports it.")
+    cuda_memory_bytes: int | None = Field(
+        None, gt=0, description="The total CUDA reports, which vLLM budgets against; None: a share of memory_bytes."
+    )
 
     @property
     def memory_gib(self) -> float:
         return self.memory_bytes / GIB
+
+    @property
+    def cuda_bytes(self) -> int:
+        """What vLLM's ``gpu_memory_utilization`` is a fraction of (``cudaMemGetInfo`` total)."""
+        return self.cuda_memory_bytes or int(self.memory_bytes * CUDA_VISIBLE_FRACTION)
 
 
 class NodeSpec(_Closed):
@@ -187,7 +211,8 @@ def card_spec(name: str) -> GpuSpec:
     key = name.strip().upper().replace("_", "-").replace(" ", "")
     key = _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
     if key in CARD_CATALOG_MIB:
-        return GpuSpec(name=key, memory_bytes=CARD_CATALOG_MIB[key] * MIB)
+        cuda = CARD_CUDA_MIB.get(key)
+        return GpuSpec(name=key, memory_bytes=CARD_CATALOG_MIB[key] * MIB, cuda_memory_bytes=cuda * MIB if cuda else None)
     if key in _AMBIGUOUS:
         options = " or ".join(_AMBIGUOUS[key])
         raise InputError(f"'{name}' is ambiguous: say {options}")
@@ -317,7 +342,11 @@ def detect_gpus(*, timeout_s: float = 10.0) -> list[GpuSpec]:
         if len(parts) == 4 and parts[3].isdigit():
             rows.append((parts[0], parts[1], parts[2], int(parts[3])))
     if rows:
-        return [GpuSpec(name=name, memory_bytes=mib * MIB) for _, _, name, mib in _visible_filter(rows)]
+        cuda_of = {CARD_CATALOG_MIB[k]: v for k, v in CARD_CUDA_MIB.items()}  # a known card by its memory.total
+        return [
+            GpuSpec(name=name, memory_bytes=mib * MIB, cuda_memory_bytes=cuda_of[mib] * MIB if mib in cuda_of else None)
+            for _, _, name, mib in _visible_filter(rows)
+        ]
     torch: Any = sys.modules.get("torch")
     if torch is not None:
         try:
@@ -326,6 +355,7 @@ def detect_gpus(*, timeout_s: float = 10.0) -> list[GpuSpec]:
                     GpuSpec(
                         name=str(torch.cuda.get_device_name(i)),
                         memory_bytes=int(torch.cuda.get_device_properties(i).total_memory),
+                        cuda_memory_bytes=int(torch.cuda.get_device_properties(i).total_memory),
                     )
                     for i in range(torch.cuda.device_count())
                 ]

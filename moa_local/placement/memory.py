@@ -10,6 +10,7 @@ Never imports torch or vllm, never reads weights or files, never decides where a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,19 +40,35 @@ UNQUANTIZED_BYTES = 2
 """Under any quantization, embeddings, lm_head, router, norms and biases stay 16-bit."""
 
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
-"""Per engine per GPU: the CUDA context, cuBLAS workspaces and the allocator's slack (vLLM logs 0.5-1 GiB)."""
+"""Per engine per GPU: the CUDA context, cuBLAS workspaces and the allocator's slack (vLLM logs 0.5-1 GiB).
+Outside vLLM's budget: taken before its start-up snapshot (v1/worker/gpu_worker.py ``init_device``)."""
 
-NCCL_BYTES = int(0.25 * GIB)
-"""Per GPU of a tensor-parallel engine: NCCL communicators and the custom all-reduce buffers."""
+NCCL_BYTES = int(1.0 * GIB)
+"""Per GPU of a tensor-parallel engine: NCCL communicators and the custom all-reduce buffers (~1 GiB per rank at
+TP 4). Outside vLLM's budget too: ``init_worker_distributed_environment`` runs before the snapshot; they stay on
+the GPU while the engine sleeps (``enable_nccl_comm_suspend`` is off by default, config/model.py)."""
 
-CUDA_GRAPH_BYTES = int(0.5 * GIB)
-"""Per GPU: captured CUDA graphs (none with enforce_eager)."""
+CUDA_GRAPH_BYTES = int(1.0 * GIB)
+"""Per GPU: the captured CUDA graphs' memory pool (none with enforce_eager). vLLM profiles it and takes it from the
+KV budget (``profile_cudagraph_memory``, VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1); it stays on the GPU while
+the engine sleeps (``sleep_mode_offload_cudagraph`` is off by default)."""
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-"""vLLM's profiling run pushes this many tokens through the model to find the activation peak."""
+"""Tokens of vLLM's profiling forward pass; the plan passes it to vLLM explicitly (vLLM's own default is 16384 on
+H100/H200 and 8192 elsewhere: engine/arg_utils.py ``get_batch_defaults``)."""
 
 DEFAULT_MAX_NUM_SEQS = 256
-"""vLLM samples logits for up to this many sequences during profiling (float32 logits)."""
+"""Sequences of the sampler warm-up in vLLM's profiling run; passed explicitly too (vLLM's default: 1024 on
+H100/H200, 256 elsewhere)."""
+
+SAMPLER_BYTES_PER_LOGIT = 22
+"""Sampler warm-up (v1/worker/gpu_model_runner.py ``_dummy_sampler_run``, top-p and top-k on): per sequence and
+vocabulary entry, the 16-bit logits (2), their float32 copy (4), probabilities (4) and the sort for top-p/top-k
+(values 4, int64 indices 8)."""
+
+KV_HEADROOM = 1.2
+"""The KV cache must hold this many times an engine's required context (vLLM refuses to start when it cannot hold
+one max_model_len sequence: v1/core/kv_cache_utils.py ``check_enough_kv_cache_memory``)."""
 
 ACTIVATION_BYTES = 2
 """Activations are 16-bit on GPU."""
@@ -166,14 +183,15 @@ def activation_peak_bytes(
 ) -> int:
     """Peak activation memory of vLLM's profiling forward pass, per GPU (an estimate, not a measurement).
 
-    Per token: 4 hidden-size buffers (residual, normed input, attention out, MLP out), the fused q/k/v output and
-    the fused gate/up output of every active expert, sharded by TP; plus float32 logits for ``max_num_seqs``.
+    Per token: 6 hidden-size buffers (residual, normed input, attention out, MLP out, two temporaries), the fused
+    q/k/v output, and per active expert the fused gate/up output and its activated half, sharded by TP; plus the
+    sampler warm-up for ``max_num_seqs`` sequences (``SAMPLER_BYTES_PER_LOGIT`` per vocabulary entry).
     """
     tp = tensor_parallel_size
     qkv = (arch.num_attention_heads + 2 * arch.num_kv_heads) * arch.head_dim // tp
-    gate_up = 2 * arch.intermediate_size * max(1, arch.experts_per_token) // tp
-    per_token = 4 * arch.hidden_size + qkv + gate_up
-    logits = max_num_seqs * arch.vocab_size * 4
+    mlp = 3 * arch.intermediate_size * max(1, arch.experts_per_token) // tp
+    per_token = 6 * arch.hidden_size + qkv + mlp
+    logits = max_num_seqs * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
     return tokens * per_token * act_bytes + logits
 
 
@@ -201,7 +219,7 @@ class GpuEstimate:
     """All weights, summed over the GPUs."""
     weights_per_gpu: int
     context_bytes: int
-    """CUDA context (+ NCCL for TP), per GPU."""
+    """CUDA context (+ NCCL for TP), per GPU: taken before vLLM's start-up snapshot, so outside its budget."""
     activation_bytes: int
     graph_bytes: int
     kv_per_token_per_gpu: int
@@ -216,17 +234,29 @@ class GpuEstimate:
         return self.weights_per_gpu + self.overhead_per_gpu
 
     @property
+    def budget_fixed_per_gpu(self) -> int:
+        """What vLLM takes out of its ``gpu_memory_utilization`` budget before the KV cache: weights, the
+        profiled activation peak and the CUDA graphs (not the context and NCCL, which precede the budget)."""
+        return self.weights_per_gpu + self.activation_bytes + self.graph_bytes
+
+    @property
     def sleep_residual_per_gpu(self) -> int:
-        """What a sleeping vLLM engine keeps on each GPU: weights and KV are freed, context and graphs stay."""
+        """What a sleeping vLLM engine keeps on each GPU: weights and KV are freed (device_allocator/
+        sleep_mode_backend.py), the context, NCCL buffers and the CUDA graph pool stay."""
         return self.context_bytes + self.graph_bytes
 
     def need_per_gpu(self, context_tokens: int) -> int:
-        """Bytes per GPU to start with room for one sequence of ``context_tokens``."""
-        return self.fixed_per_gpu + self.kv_per_token_per_gpu * context_tokens
+        """Bytes per GPU to start with KV for ``KV_HEADROOM`` sequences of ``context_tokens``."""
+        return self.fixed_per_gpu + self.kv_per_token_per_gpu * math.ceil(KV_HEADROOM * context_tokens)
+
+    def utilization(self, share_bytes: int, gpu_bytes: int) -> float:
+        """vLLM's ``gpu_memory_utilization`` for a physical share of a GPU of ``gpu_bytes`` (CUDA's total): the
+        share less what precedes the budget, rounded down to 4 decimals."""
+        return math.floor(max(0, share_bytes - self.context_bytes) / gpu_bytes * 1e4) / 1e4
 
     def kv_tokens(self, budget_per_gpu: int) -> int:
-        """Tokens of KV cache that fit when the engine may use ``budget_per_gpu`` bytes on each GPU."""
-        return max(0, budget_per_gpu - self.fixed_per_gpu) // self.kv_per_token_per_gpu
+        """Tokens of KV cache that fit when vLLM's budget (utilization x CUDA total) is ``budget_per_gpu``."""
+        return max(0, budget_per_gpu - self.budget_fixed_per_gpu) // self.kv_per_token_per_gpu
 
 
 def estimate_gpu(
@@ -257,8 +287,10 @@ def estimate_gpu(
 
 
 def kv_budget_bytes(estimate: GpuEstimate, *, gpu_memory_bytes: int, utilization: float) -> int:
-    """KV bytes per GPU that vLLM allocates under ``gpu_memory_utilization`` (0 if the fixed part does not fit)."""
-    return max(0, int(gpu_memory_bytes * utilization) - estimate.fixed_per_gpu)
+    """KV bytes per GPU that vLLM allocates under ``gpu_memory_utilization`` of a GPU whose CUDA total is
+    ``gpu_memory_bytes`` (0 if the fixed part does not fit): v1/worker/gpu_worker.py
+    ``determine_available_memory``, requested memory less weights, activation peak and CUDA graphs."""
+    return max(0, int(gpu_memory_bytes * utilization) - estimate.budget_fixed_per_gpu)
 
 
 def max_concurrency(kv_tokens: int, *, context_tokens: int) -> int:

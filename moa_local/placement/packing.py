@@ -49,11 +49,12 @@ class Candidate:
         return self.model.id
 
     def need(self, tp: int, gpu_bytes: int) -> int | None:
-        """Bytes this engine claims on one GPU of ``gpu_bytes`` at ``tp``; None if it cannot run there."""
+        """Bytes this engine claims on one GPU whose CUDA total is ``gpu_bytes`` at ``tp``; None if it cannot run
+        there."""
         est = self.estimates[tp]
         minimum = est.need_per_gpu(self.context)
-        if self.options.gpu_memory_utilization is not None:
-            share = int(self.options.gpu_memory_utilization * gpu_bytes)
+        if self.options.gpu_memory_utilization is not None:  # vLLM's budget, after the context and NCCL
+            share = est.context_bytes + int(self.options.gpu_memory_utilization * gpu_bytes)
             return share if share >= minimum else None
         if self.options.kv_cache_memory_bytes is not None:
             kv = self.options.kv_cache_memory_bytes
@@ -94,7 +95,7 @@ def label(est: GpuEstimate | CpuEstimate) -> str:
 
 def usable(slot: GpuSlot, fraction: float) -> int:
     """Bytes of a GPU the planner may hand out."""
-    return int(slot.spec.memory_bytes * fraction)
+    return int(slot.spec.cuda_bytes * fraction)
 
 
 def try_place(
@@ -115,7 +116,7 @@ def try_place(
         for group in groups:
             fits = []
             for s in group:
-                need = engine.need(tp, s.spec.memory_bytes)
+                need = engine.need(tp, s.spec.cuda_bytes)
                 if need is not None and need <= state.free[s.index]:
                     fits.append((state.free[s.index] - need, s.node, s.index))
             if len(fits) < tp:
@@ -134,7 +135,7 @@ def try_place(
 
 def commit(state: PhaseFill, slot: Placed, gpu_slots: list[GpuSlot]) -> None:
     for g in slot.gpus:
-        need = slot.engine.need(slot.tp, gpu_slots[g].spec.memory_bytes)
+        need = slot.engine.need(slot.tp, gpu_slots[g].spec.cuda_bytes)
         assert need is not None
         state.free[g] -= need
     state.slots.append(slot)
@@ -153,27 +154,28 @@ def infeasible_gpu(engine: Candidate, gpu_slots: list[GpuSlot], fraction: float)
     free = _trial(engine, tps=engine.tps, gpu_memory_utilization=None, kv_cache_memory_bytes=None)
     if fixed and _fits_alone(free, gpu_slots, fraction):
         tp = engine.tps[0]
-        est, card = engine.estimates[tp], max(gpu_slots, key=lambda s: s.spec.memory_bytes).spec
+        est, card = engine.estimates[tp], max(gpu_slots, key=lambda s: s.spec.cuda_bytes).spec
         want = est.need_per_gpu(engine.context) + SHARE_SLACK_BYTES
         return PlacementError(
             f"'{engine.id}' needs {want / GIB:.1f} GiB per GPU at tensor_parallel_size={tp} (weights "
             f"{est.weights_per_gpu / GIB:.1f} GiB, KV for {engine.context} tokens, overhead), more than its "
             f"gpu_memory_utilization / kv_cache_memory_bytes allow on a {card.name}. Use "
-            f"gpu_memory_utilization: {math.ceil(want / card.memory_bytes * 100) / 100:.2f} or remove the setting."
+            f"gpu_memory_utilization: {math.ceil((want - est.context_bytes) / card.cuda_bytes * 100) / 100:.2f} or "
+            "remove the setting."
         )
     by_node: dict[int, list[GpuSlot]] = {}
     for s in gpu_slots:
         by_node.setdefault(s.node, []).append(s)
     biggest = sorted(
-        max(by_node.values(), key=lambda g: sum(s.spec.memory_bytes for s in g)),
-        key=lambda s: -s.spec.memory_bytes,
+        max(by_node.values(), key=lambda g: sum(s.spec.cuda_bytes for s in g)),
+        key=lambda s: -s.spec.cuda_bytes,
     )
     tp = engine.tps[0] if engine.explicit_tp else 1
     est = estimate_gpu(engine.model, engine.options, tensor_parallel_size=tp)
     group = biggest[
         : tp if engine.explicit_tp else max(valid_tensor_parallel_sizes(arch, limit=len(biggest)))
     ]
-    capacity = sum(s.spec.memory_bytes for s in group)
+    capacity = sum(s.spec.cuda_bytes for s in group)
     head = (
         f"'{engine.id}' needs {est.need_per_gpu(engine.context) * tp / GIB:.1f} GiB at {label(est)} (weights "
         f"{est.weights_bytes / GIB:.1f} GiB, KV for {engine.context} tokens, overhead); the largest GPU set it may "
@@ -205,7 +207,7 @@ def infeasible_gpu(engine: Candidate, gpu_slots: list[GpuSlot], fraction: float)
         t
         for t in valid_tensor_parallel_sizes(arch, limit=64)
         if t > len(biggest)
-        and (_trial(engine, tps=[t]).need(t, card.memory_bytes) or math.inf) <= card.memory_bytes * fraction
+        and (_trial(engine, tps=[t]).need(t, card.cuda_bytes) or math.inf) <= card.cuda_bytes * fraction
     ]
     if more:
         fixes.append(f"{more[0]} GPUs like these (tensor_parallel_size={more[0]})")
@@ -294,7 +296,7 @@ def pack_gpu(engines: list[Candidate], gpu_slots: list[GpuSlot], fraction: float
             slot = try_place(engine, alone, gpu_slots, allow_span=True)
         if slot is None:
             raise infeasible_gpu(engine, gpu_slots, fraction)
-        size[engine.id] = sum(engine.need(slot.tp, gpu_slots[g].spec.memory_bytes) or 0 for g in slot.gpus)
+        size[engine.id] = sum(engine.need(slot.tp, gpu_slots[g].spec.cuda_bytes) or 0 for g in slot.gpus)
     phases: list[PhaseFill] = []
     for engine in sorted(engines, key=lambda e: (-size[e.id], e.id)):
         for state in phases:
@@ -340,16 +342,16 @@ def widen(state: PhaseFill, gpu_slots: list[GpuSlot]) -> None:
             engine.estimates.setdefault(
                 wider, estimate_gpu(engine.model, engine.options, tensor_parallel_size=wider)
             )
-            needs = [engine.need(wider, gpu_slots[g].spec.memory_bytes) for g in new_gpus]
+            needs = [engine.need(wider, gpu_slots[g].spec.cuda_bytes) for g in new_gpus]
             free_after = [
                 state.free[g]
-                + (engine.need(tp, gpu_slots[g].spec.memory_bytes) or 0 if g in slot.gpus else 0)
+                + (engine.need(tp, gpu_slots[g].spec.cuda_bytes) or 0 if g in slot.gpus else 0)
                 for g in new_gpus
             ]
             if any(n is None or n > f for n, f in zip(needs, free_after, strict=True)):
                 continue
             for g in slot.gpus:
-                state.free[g] += engine.need(tp, gpu_slots[g].spec.memory_bytes) or 0
+                state.free[g] += engine.need(tp, gpu_slots[g].spec.cuda_bytes) or 0
             state.slots.remove(slot)
             commit(state, Placed(engine=engine, tp=wider, gpus=new_gpus), gpu_slots)
             changed = True

@@ -59,16 +59,25 @@ def planned_options(recipe: Recipe, plan: Plan) -> dict[str, EngineOptions]:
             out[model_id] = options
             continue
         decided = _decisions(plan.engine(model_id))
-        explicit = {k for k in options.model_fields_set if getattr(options, k) is not None}
+        explicit = {k for k in options.model_fields_set if getattr(options, k) is not None} - PLAN_ONLY
         update = {k: v for k, v in decided.items() if k not in explicit}
         out[model_id] = options.model_copy(update=update) if update else options
     return out
+
+
+PLAN_ONLY = frozenset({"gpus"})
+"""Options only the plan decides: its value replaces a recipe's (the planner alone knows where engines go)."""
 
 
 def _decisions(engine: EnginePlacement) -> dict[str, Any]:
     decided: dict[str, Any] = {"max_model_len": engine.max_model_len}
     if engine.device == "cuda":
         decided["tensor_parallel_size"] = engine.tensor_parallel_size
+        decided["gpus"] = list(engine.gpus)  # -> CUDA_VISIBLE_DEVICES in the worker (engines/vllm.worker_env)
+        if engine.max_num_batched_tokens is not None:
+            decided["max_num_batched_tokens"] = engine.max_num_batched_tokens
+        if engine.max_num_seqs is not None:
+            decided["max_num_seqs"] = engine.max_num_seqs
         if engine.memory_utilization is not None:
             decided["gpu_memory_utilization"] = engine.memory_utilization
         if engine.swap in SLEEP_LEVELS:  # vLLM can only sleep when started with sleep mode

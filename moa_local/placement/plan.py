@@ -44,9 +44,11 @@ class EnginePlacement:
     kv_tokens: int
     """Tokens of KV cache (the sequences in flight share them)."""
     max_model_len: int
-    """Context window to start the engine with (what the planned KV cache can hold, at most the model's)."""
+    """Context window to start the engine with: the recipe's, else (GPU) the context it needs, (CPU) what the planned
+    KV cache holds, at most the model's."""
     min_context: int
-    """Context the recipe needs (references + prompt + answer); the KV cache holds at least this."""
+    """Context the recipe needs (references + prompt + answer), at most the model's; on GPU the KV cache holds at
+    least KV_HEADROOM times this and max_model_len is this."""
     gpus: list[int] = field(default_factory=list)
     """Global GPU indices (Hardware.slots()); on one node they equal the CUDA device indices."""
     nodes: list[int] = field(default_factory=list)
@@ -63,6 +65,12 @@ class EnginePlacement:
     """What the engine keeps on each GPU while it sleeps (sleep1/sleep2); other phases' engines leave it room."""
     load_s: float = 0.0
     """Estimated cold start: read weights from disk + engine start."""
+    max_num_batched_tokens: int | None = None
+    """vLLM on GPU: tokens per step (its profiled activation peak), passed explicitly."""
+    max_num_seqs: int | None = None
+    """vLLM on GPU: sequences per step (its profiled sampler warm-up), passed explicitly."""
+    context_bytes_per_gpu: int = 0
+    """GPU: CUDA context and NCCL buffers, taken before vLLM's budget (memory_utilization x CUDA total) on each GPU."""
 
     @property
     def concurrency(self) -> int:

@@ -19,7 +19,13 @@ from moa_local.config.registry import load_model_config
 from moa_local.engines.cpu import parse_cores, split_cores
 from moa_local.errors import PlacementError
 from moa_local.placement.hardware import Hardware
-from moa_local.placement.memory import GIB, CpuEstimate, estimate_cpu
+from moa_local.placement.memory import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    GIB,
+    CpuEstimate,
+    estimate_cpu,
+)
 from moa_local.placement.packing import MAX_GPU_UTILIZATION, gpu_candidates, label, pack_gpu
 from moa_local.placement.plan import EnginePlacement, Phase, Plan, Step, Swap
 from moa_local.placement.swaps import (
@@ -64,6 +70,22 @@ def required_context(recipe: Recipe, model_id: str, *, max_context: int) -> int:
     if aggregator.model == model_id:
         needs.append(PROMPT_TOKENS + references + aggregator.sampling.max_tokens)
     return min(max_context, max(needs))
+
+
+def capped_context_notes(recipe: Recipe, configs: Mapping[str, ModelConfig]) -> list[str]:
+    """One note per model whose context window is shorter than what the recipe asks of it (it is capped there)."""
+    notes = []
+    for model_id, model in configs.items():
+        want = required_context(recipe, model_id, max_context=10**9)
+        have = model.architecture.max_context
+        if recipe.engine_options(model_id).max_model_len is None and want > have:
+            notes.append(
+                f"'{model_id}' holds {have} tokens, less than the {want} the recipe asks of it ({PROMPT_TOKENS} of "
+                f"prompt + the references + its answer): layer-2+ and aggregation prompts longer than "
+                f"{have} tokens minus its max_tokens fail for it. Lower the proposers' max_tokens, or give it "
+                "no role after layer 1."
+            )
+    return notes
 
 
 def _roles_by_model(recipe: Recipe) -> dict[str, list[str]]:
@@ -149,18 +171,21 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
         for x in state.slots:
             est, engine = x.engine.estimates[x.tp], x.engine
             mine = shares[engine.id]
-            if (
-                engine.options.kv_cache_memory_bytes is not None
-                and engine.options.gpu_memory_utilization is None
-            ):
-                utilization = None
+            cuda = min(gpu_slots[g].spec.cuda_bytes for g in x.gpus)
+            if engine.options.gpu_memory_utilization is not None:
+                utilization = engine.options.gpu_memory_utilization
+            elif engine.options.kv_cache_memory_bytes is not None:
+                # vLLM checks the free memory against gpu_memory_utilization even when the KV size is given
+                # (v1/worker/utils.py request_memory): pass exactly this engine's budget, not the 0.92 default
+                used = est.budget_fixed_per_gpu + engine.options.kv_cache_memory_bytes
+                utilization = math.ceil(used / cuda * 1e4) / 1e4
+            else:
+                utilization = min(est.utilization(mine[g], gpu_slots[g].spec.cuda_bytes) for g in x.gpus)
+            if engine.options.kv_cache_memory_bytes is not None:
                 kv_tokens = engine.options.kv_cache_memory_bytes // est.kv_per_token_per_gpu
             else:
-                utilization = engine.options.gpu_memory_utilization or min(
-                    math.floor(mine[g] / gpu_slots[g].spec.memory_bytes * 1e4) / 1e4 for g in x.gpus
-                )
                 kv_tokens = min(
-                    est.kv_tokens(int(utilization * gpu_slots[g].spec.memory_bytes)) for g in x.gpus
+                    est.kv_tokens(int(utilization * gpu_slots[g].spec.cuda_bytes)) for g in x.gpus
                 )
             placements[engine.id] = EnginePlacement(
                 id=engine.id,
@@ -173,8 +198,7 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
                 weights_gib=round(est.weights_bytes / GIB, 2),
                 kv_gib=round(kv_tokens * est.kv_per_token_per_gpu * x.tp / GIB, 2),
                 kv_tokens=kv_tokens,
-                max_model_len=engine.options.max_model_len
-                or min(engine.model.architecture.max_context, kv_tokens),
+                max_model_len=engine.options.max_model_len or engine.context,
                 min_context=engine.context,
                 gpus=list(x.gpus),
                 nodes=sorted({gpu_slots[g].node for g in x.gpus}),
@@ -186,6 +210,9 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
                 if swaps[engine.id] in ("sleep1", "sleep2")
                 else 0.0,
                 load_s=round(cold_load_s([est.weights_bytes], [start_s(engine)]), 1),
+                max_num_batched_tokens=engine.options.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                max_num_seqs=engine.options.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
+                context_bytes_per_gpu=est.context_bytes,
             )
 
     # 4. time estimates
@@ -215,6 +242,7 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
         notes.append(
             "transformers backend: memory_utilization is the planned share; it does not preallocate KV."
         )
+    notes.extend(capped_context_notes(recipe, configs))
     return Plan(
         recipe=recipe.name,
         backend=backend,

@@ -70,7 +70,7 @@ def choose_gpu_swaps(
                 (p, s.index)
                 for p, state in enumerate(states)
                 for s in gpu_slots
-                if sum(x.engine.need(x.tp, s.spec.memory_bytes) or 0 for x in state.engines_on(s.index))
+                if sum(x.engine.need(x.tp, s.spec.cuda_bytes) or 0 for x in state.engines_on(s.index))
                 + residuals(states, p, s.index, swaps)
                 > usable(s, fraction)
             ),
@@ -131,7 +131,7 @@ def gpu_shares(
             if not here:
                 continue
             available = usable(s, fraction) - residuals(states, p, s.index, swaps)
-            needs = {x.engine.id: x.engine.need(x.tp, s.spec.memory_bytes) or 0 for x in here}
+            needs = {x.engine.id: x.engine.need(x.tp, s.spec.cuda_bytes) or 0 for x in here}
             flexible = sum(needs[x.engine.id] for x in here if x.engine.flexible)
             extra = max(0, available - sum(needs.values()))
             for x in here:

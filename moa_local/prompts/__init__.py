@@ -59,13 +59,44 @@ VICUNA_SYSTEM = (
 )
 
 
-def render_prompt(messages: list[Message], *, prompt_format: str, tokenizer: ChatTokenizer | None = None) -> RenderedPrompt:
+def fold_system(messages: list[Message]) -> list[Message]:
+    """The system text moved into the first user turn ("SYSTEM\n\nUSER"), for chat templates that drop or refuse a
+    system role; messages without a system message or without a user turn are returned unchanged."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if not system or first_user is None:
+        return [dict(m) for m in messages]
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
+def vendored_chat_template(model_id: str) -> str | None:
+    """The published chat template of ``model_id`` as vendored under model_configs/chat_templates/ (None if there is
+    none); its source is in SOURCES.md there. Engines use the template of their weights folder; tests and the
+    simulated GPU server use these."""
+    from moa_local.config.registry import model_configs_dir
+
+    path = model_configs_dir() / "chat_templates" / f"{model_id}.jinja"
+    return path.read_text() if path.is_file() else None
+
+
+def render_prompt(
+    messages: list[Message],
+    *,
+    prompt_format: str,
+    tokenizer: ChatTokenizer | None = None,
+    system_prompt: str = "system_role",
+) -> RenderedPrompt:
     """Render chat messages to the prompt text of one model.
 
     chat_template: the tokenizer's own template (its special tokens are in the text, so add_special_tokens=False).
     vicuna: WizardLM-2's "USER: ... ASSISTANT:" format. transcript: a plain transcript for base models.
     Messages ending with an assistant turn ask the model to *continue* that turn (chunk-wise aggregation).
+    ``system_prompt`` (the model config's): "first_user_turn" folds the system text into the first user turn.
     """
+    if system_prompt == "first_user_turn":
+        messages = fold_system(messages)
     continuing = bool(messages) and messages[-1]["role"] == "assistant"
     if prompt_format == "chat_template":
         if tokenizer is None:

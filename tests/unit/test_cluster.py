@@ -61,7 +61,10 @@ def test_paper_moa_on_two_h100_nodes_gets_one_strict_pack_group_per_tensor_paral
 
 
 def test_engines_spanning_nodes_use_pack_and_vllms_ray_executor_and_overlapping_sets_merge() -> None:
-    layout, hw = _layout("moa", "4x2xH100-80GB")
+    fp8 = load_recipe("moa")
+    fp8 = fp8.model_copy(update={"engines": {m: fp8.engine_options(m).model_copy(update={"quantization": "fp8"})
+                                             for m in fp8.model_ids()}})
+    layout, hw = _layout(fp8, "4x2xH100-80GB")
     spanning = [g for g in layout.groups if len(set(g.bundle_nodes)) > 1]
     assert spanning and all(g.strategy == "PACK" for g in spanning)
     # each bundle is pinned to the node its GPU is on

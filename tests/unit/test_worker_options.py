@@ -104,7 +104,10 @@ def test_sampling_is_per_request_and_greedy_ignores_top_p() -> None:
     assert greedy["stop"] == ["\nUser:"] and greedy["ignore_eos"] is False
     seeded = sampling_kwargs(Sampling(temperature=0.7, top_p=0.9, seed=3, stop=["END"], ignore_eos=True))
     assert seeded == {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 3, "stop": ["END"],
-                      "ignore_eos": True, "skip_special_tokens": True}
+                      "stop_token_ids": None, "ignore_eos": True, "skip_special_tokens": True}
+    # end-of-turn ids stop a request, except under ignore_eos (a benchmark that runs to max_tokens)
+    assert sampling_kwargs(Sampling(), stop_token_ids={7, 2})["stop_token_ids"] == [2, 7]
+    assert sampling_kwargs(Sampling(ignore_eos=True), stop_token_ids={7})["stop_token_ids"] is None
     assert sampling_kwargs(Sampling())["stop"] is None
 
 
@@ -123,16 +126,25 @@ def test_sleep_mode_is_passed_on_gpu_only_and_a_cpu_host_refuses_to_sleep() -> N
         def sleep(self, level: int = 1) -> None:
             self.calls.append(("sleep", level))
 
-        def wake_up(self) -> None:
-            self.calls.append(("wake_up", None))
+        def wake_up(self, tags: list[str] | None = None) -> None:
+            self.calls.append(("wake_up", tags))
+
+        def collective_rpc(self, method: str) -> None:
+            self.calls.append((method, None))
 
     replies: list[tuple[str, int, object]] = []
     host = VLLMHost.__new__(VLLMHost)  # the op handling only, without loading a model
-    host.llm, host._pending = FakeLLM(), {}
+    host.llm, host._pending, host._slept_level = FakeLLM(), {}, 0
     host.device, host.sleep_mode = "cuda", True
+    host.handle("sleep", 5, 1, lambda *r: replies.append(r))
+    host.handle("wake_up", 6, None, lambda *r: replies.append(r))
+    assert host.llm.calls == [("sleep", 1), ("wake_up", None)]
+    # level 2 discarded the weights: wake them, reload them from disk, then the KV cache (vLLM's documented order)
+    host.llm.calls.clear()
     host.handle("sleep", 7, 2, lambda *r: replies.append(r))
     host.handle("wake_up", 8, None, lambda *r: replies.append(r))
-    assert host.llm.calls == [("sleep", 2), ("wake_up", None)] and [r[:2] for r in replies] == [("result", 7), ("result", 8)]
+    assert host.llm.calls == [("sleep", 2), ("wake_up", ["weights"]), ("reload_weights", None), ("wake_up", ["kv_cache"])]
+    assert [r[:2] for r in replies] == [("result", 5), ("result", 6), ("result", 7), ("result", 8)]
     host.device = "cpu"
     with pytest.raises(RuntimeError, match="CUDA-only"):
         host.handle("sleep", 9, 1, lambda *r: None)

@@ -1,0 +1,1 @@
+"""Stand-in of vllm.renderers.inputs (moa_local.gpusim)."""

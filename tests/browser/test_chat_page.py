@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from moa_local.server.background import BackgroundServer
 import stub_server as stub_mod
 from stub_server import Stub, create_stub_app
+
+from moa_local.server.background import BackgroundServer
 
 # Records, in the page, the time and length of every change of each card's text (cards are keyed layer|role,
 # the answer "answer"), so a test can see streaming happen rather than only its end.

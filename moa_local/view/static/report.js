@@ -94,6 +94,7 @@
     if (exact >= 0) view.unshift(exact);   // an id typed in full comes first
     state.view = view;
     $("count").textContent = `${num(view.length)} of ${num(CONVS.length)}`;
+    $("count").dataset.query = state.query;   // which search the count belongs to (the search box is debounced)
     $("spacer").style.height = view.length * ROW_H + "px";
     $("list").scrollTop = 0;
     renderRows();

@@ -85,3 +85,7 @@ def page(browser: Any, console: ConsoleLog) -> Iterator[Any]:
     yield pg
     context.close()
     assert console.unexpected() == [], "the page logged errors"
+
+
+if __name__ == "__main__":  # `make test` prints this line first, so a skip is never silent
+    print(SKIP_REASON or f"browser tests: run with {CHROMIUM}")

@@ -11,7 +11,8 @@ and timing, so the page can be tested in seconds and without the real server.
       chat.completion.chunk content; a finish chunk; data: [DONE]. A failure: data: {"error": {...}}, [DONE].
     Errors before any output: 401 / 404 / 400 / 429 with the OpenAI error body.
 
-Prompt markers script the answer: "#retry" (gemma3's first layer-1 attempt is cut off and retried), "#fail-role"
+A recorded trace can be replayed instead (Stub.replay: its roles, texts, tokens and seconds; screenshots use it).
+Otherwise prompt markers script the answer: "#retry" (gemma3's first layer-1 attempt is cut off and retried), "#fail-role"
 (gemma3 fails in every layer), "#fail-all" (the conversation fails after layer 1), "#busy" (429).
 """
 
@@ -54,6 +55,8 @@ class Stub:
 
     api_key: str | None = None
     token_delay_s: float = 0.03
+    recipe: str = RECIPE
+    replay: dict[str, Any] | None = None  # a recorded trace (`--trace` JSON) to stream instead of the scripted texts
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -85,7 +88,7 @@ def create_stub_app(stub: Stub) -> FastAPI:
         if (denied := unauthorized(request)) is not None:
             return denied
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "stub"}
-                                                        for m in (RECIPE, SINGLE, "gemma3-270m")]})
+                                                        for m in (stub.recipe, SINGLE, "gemma3-270m")]})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -93,7 +96,7 @@ def create_stub_app(stub: Stub) -> FastAPI:
             return denied
         body = await request.json()
         stub.requests.append(body)
-        if body.get("model") not in (RECIPE, SINGLE, "gemma3-270m"):
+        if body.get("model") not in (stub.recipe, SINGLE, "gemma3-270m"):
             return error(404, f"the model '{body.get('model')}' does not exist here", "model_not_found")
         if not (body.get("stream") and body.get("moa_events")):
             return error(400, "the stub only streams with moa_events", "invalid_value")
@@ -103,7 +106,7 @@ def create_stub_app(stub: Stub) -> FastAPI:
                                            "type": "rate_limit_error", "code": "queue_full", "param": None}},
                                 status_code=429)
         turn = sum(1 for m in body["messages"] if m["role"] == "user")
-        gen = _moa(stub, prompt, turn) if body["model"] == RECIPE else _single(stub, prompt)
+        gen = _moa(stub, prompt, turn) if body["model"] == stub.recipe else _single(stub, prompt)
         return StreamingResponse(gen, media_type="text/event-stream")
 
     return app
@@ -123,42 +126,62 @@ async def _single(stub: Stub, prompt: str) -> Any:
     yield "data: [DONE]\n\n"
 
 
-async def _moa(stub: Stub, prompt: str, turn: int) -> Any:
-    yield _event(type="plan", layers=LAYERS, proposers=PROPOSERS, aggregator=AGGREGATOR)
-    yield _chunk({"role": "assistant", "content": ""})
+def _script(stub: Stub, prompt: str, turn: int) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
+    """What each role says: the recorded trace when replaying one, else the scripted texts and markers."""
+    if stub.replay is not None:
+        layers = [[{**r, "retry_at": None} for r in layer["responses"]] for layer in stub.replay["layers"]]
+        return layers, {**stub.replay["aggregator"], "retry_at": None}
+    layers = []
     for layer in range(1, LAYERS + 1):
-        # Every proposer of the layer streams at once: their deltas interleave, as on the real server.
-        streams = []
+        roles = []
         for p in PROPOSERS:
-            yield _event(type="role.start", layer=layer, attempt=1, **p)
             fails = p["role"] == "gemma3" and "#fail-role" in prompt
             retried = p["role"] == "gemma3" and layer == 1 and "#retry" in prompt
             text = "" if fails else proposer_text(layer, p["role"], prompt)
-            streams.append((p, text.split(" ") if text else [], fails, retried))
-        longest = max(len(words) for _, words, _, _ in streams)
-        for i in range(longest):
+            roles.append({**p, "text": text, "retry_at": 3 if retried else None, "seconds": 0.5 * layer,
+                          "usage": {"prompt_tokens": 10 * layer, "completion_tokens": len(text.split())},
+                          "error": "fake failure: request contains '#fail-role'" if fails else None,
+                          "attempts": 2 if (retried or fails) else 1})
+        layers.append(roles)
+    text = answer_text(prompt, turn)
+    return layers, {**AGGREGATOR, "text": text, "usage": {"prompt_tokens": 99, "completion_tokens": len(text.split())},
+                    "seconds": 1.25, "error": None, "attempts": 1, "retry_at": None}
+
+
+def _who(r: dict[str, Any]) -> dict[str, str]:
+    return {"role": r["role"], "model": r["model"]}
+
+
+async def _moa(stub: Stub, prompt: str, turn: int) -> Any:
+    layers, agg = _script(stub, prompt, turn)
+    yield _event(type="plan", layers=len(layers), proposers=[_who(r) for r in layers[0]], aggregator=_who(agg))
+    yield _chunk({"role": "assistant", "content": ""})
+    for layer, roles in enumerate(layers, start=1):
+        # Every proposer of the layer streams at once: their deltas interleave, as on the real server.
+        for r in roles:
+            yield _event(type="role.start", layer=layer, attempt=1, **_who(r))
+        words = [(r["text"] or "").split(" ") if r["text"] else [] for r in roles]
+        for i in range(max(len(w) for w in words)):
             await asyncio.sleep(stub.token_delay_s)
-            for p, words, _, retried in streams:
-                if i < len(words):
-                    piece = words[i] if i == 0 else " " + words[i]
-                    if retried and i == 3:  # the first attempt dies here; the retry starts the text over
-                        yield _event(type="role.start", layer=layer, attempt=2, **p)
-                        piece = " ".join(words[: i + 1])
-                    yield _event(type="role.delta", layer=layer, delta=piece, **p)
-        for p, words, fails, retried in streams:
-            yield _event(type="role.done", layer=layer, usage={"prompt_tokens": 10 * layer, "completion_tokens": len(words)},
-                         seconds=0.5 * layer, error="fake failure: request contains '#fail-role'" if fails else None,
-                         attempts=2 if (retried or fails) else 1, **p)
+            for r, w in zip(roles, words, strict=True):
+                if i < len(w):
+                    piece = w[i] if i == 0 else " " + w[i]
+                    if r["retry_at"] == i:  # the first attempt dies here; the retry starts the text over
+                        yield _event(type="role.start", layer=layer, attempt=2, **_who(r))
+                        piece = " ".join(w[: i + 1])
+                    yield _event(type="role.delta", layer=layer, delta=piece, **_who(r))
+        for r in roles:
+            yield _event(type="role.done", layer=layer, usage=r["usage"], seconds=r["seconds"], error=r["error"],
+                         attempts=r["attempts"], **_who(r))
         if layer == 1 and "#fail-all" in prompt:
             yield ("data: " + json.dumps({"error": {"message": "layer 2: only 0 of 2 proposers answered (min_proposers=1)",
                                                      "type": "server_error", "code": "generation_failed"}}) + "\n\n")
             yield "data: [DONE]\n\n"
             return
-    yield _event(type="role.start", layer=LAYERS + 1, aggregator=True, attempt=1, **AGGREGATOR)
-    text = answer_text(prompt, turn)
-    async for piece in _words(stub, text):
+    yield _event(type="role.start", layer=len(layers) + 1, aggregator=True, attempt=1, **_who(agg))
+    async for piece in _words(stub, agg["text"] or ""):
         yield _chunk({"content": piece})
-    yield _event(type="role.done", layer=LAYERS + 1, aggregator=True, usage={"prompt_tokens": 99,
-                 "completion_tokens": len(text.split())}, seconds=1.25, error=None, attempts=1, **AGGREGATOR)
+    yield _event(type="role.done", layer=len(layers) + 1, aggregator=True, usage=agg["usage"], seconds=agg["seconds"],
+                 error=agg["error"], attempts=agg["attempts"], **_who(agg))
     yield _chunk({}, finish="stop")
     yield "data: [DONE]\n\n"

@@ -110,9 +110,10 @@ def test_fake_backend_cards_match_the_servers_own_trace(page: Any, console: Any,
 # -- the tiny recipe on vLLM ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vllm_server() -> Iterator[str]:
+def vllm_server(fake_server: str) -> Iterator[str]:
     from moa_local.models import is_prepared
 
+    require_events(fake_server, "fake")  # asked of the instant fake app first: no engine starts just to skip
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not importable")
     for model_id in load_recipe("tiny").model_ids():

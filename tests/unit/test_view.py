@@ -160,3 +160,44 @@ def test_view_command_writes_the_report_and_refuses_to_overwrite_its_input(tmp_p
         write_report(out, out)
     result = CliRunner().invoke(app, ["view", str(tmp_path / "missing.jsonl")])
     assert result.exit_code != 0
+
+
+def test_a_two_turn_eval_with_a_failed_moa_item(tmp_path: Path) -> None:
+    """MT-Bench shape: two turns per item, so two traces per system; MoA failed one item; scores 1-10."""
+    def row(system: str, family: str, item: str, score: float | None, traces: list[Any], error: str | None = None
+            ) -> dict[str, Any]:
+        return {"id": f"{system}|{item}", "system": system, "family": family, "model": "m", "item": item,
+                "score": score, "details": {"ratings": [score, score]}, "answers": ["one", "two"],
+                "errors": [error, None], "judgments": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                "seconds": 1.0, "judge_seconds": 0.0, "trace": traces, "suite": "mtbench", "recipe": "r"}
+    two = [trace("a b", "a c", "a b"), trace("x", "y", "x")]
+    rows = [row("moa", "moa", "81", 7.0, two), row("moa", "moa", "82", None, [trace(None, None, None, error="down"), None],
+                                                    error="down"),
+            row("proposer:p1", "proposer", "81", 5.0, [None, None]), row("proposer:p1", "proposer", "82", 6.0, [None, None]),
+            row("aggregator:agg", "aggregator", "81", 8.0, [None, None]),
+            row("aggregator:agg", "aggregator", "82", 2.0, [None, None])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = read_source(tmp_path)
+    assert src.eval is not None and src.eval.best == "proposer:p1" and not src.eval.percent  # mean 5.5 vs 5.0
+    by_id = {c.id: c for c in src.conversations}
+    assert [label for label, _ in by_id["81"].traces] == ["moa · turn 1", "moa · turn 2"]
+    assert by_id["81"].outcome == 1 and by_id["82"].outcome is None  # 7 > 5; an unscored item has no outcome
+    assert by_id["82"].error == "down"
+    data = build_payload(src)
+    conv82 = next(c for c in data["convs"] if c["i"] == "82")
+    assert conv82["f"] == 2 and conv82["sc"] == [None, 6.0, 2.0]
+    assert {r["label"] for r in data["roles"]} == {"moa"}  # both turns add up under the system
+
+
+def test_the_sample_is_real_batch_records_with_the_failures_it_promises(tmp_path: Path) -> None:
+    from moa_local.view.sample import FAILED_EVERY, PARTIAL_EVERY, write_sample
+
+    n = 2 * FAILED_EVERY
+    source, output = write_sample(tmp_path, n)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in source.read_text().splitlines()]
+    failed = [r for r in rows if r["error"]]
+    partial = [r for r in rows if not r["error"] and any(x["error"] for layer in r["trace"]["layers"]
+                                                          for x in layer["responses"])]
+    assert len(failed) == n // FAILED_EVERY and len(partial) == n // PARTIAL_EVERY - n // FAILED_EVERY
+    assert all(len(r["output"].split()) >= 40 for r in rows if not r["error"])

@@ -79,7 +79,7 @@ def test_every_proposer_card_fills_live_then_the_answer_streams(page: Any, stub:
     last = {k: t for k, t, _ in timeline}
     growth = {k: len({n for kk, _, n in timeline if kk == k}) for k in first}
     # Each card grew over many updates (streamed), layer 2 began after layer 1 ended, the answer after both.
-    assert all(growth[k] >= 8 for k in ("1|smollm2", "1|gemma3", "2|smollm2", "2|gemma3", "answer")), growth
+    assert all(growth[k] >= 5 for k in ("1|smollm2", "1|gemma3", "2|smollm2", "2|gemma3", "answer")), growth
     assert min(first["2|smollm2"], first["2|gemma3"]) > max(last["1|smollm2"], last["1|gemma3"]) - 1
     assert first["answer"] > max(last["2|smollm2"], last["2|gemma3"]) - 1
     assert state.requests[0]["stream"] is True and state.requests[0]["moa_events"] is True

@@ -98,9 +98,9 @@ def test_fake_backend_cards_match_the_servers_own_trace(page: Any, console: Any,
     for layer in trace["layers"]:
         for r in layer["responses"]:
             card = turn.locator(f'.layer[data-layer="{layer["index"]}"] .card[data-role="{r["role"]}"]')
-            assert card.locator(".text").inner_text() == r["text"]
+            assert card.locator(".text").text_content() == r["text"]  # exact: raw text, no layout
             assert f'→ {r["usage"]["completion_tokens"]} tok' in card.inner_text()
-    assert turn.locator(".answer-text").inner_text() == trace["output"]
+    assert turn.locator(".answer-text").text_content() == trace["output"]
     turn.locator("button.fold").click()
     assert not turn.locator(".layers").is_visible() and turn.locator(".answer-text").is_visible()
     second = ask_and_wait(page, "And at sunset?", timeout_ms=60_000)  # multi-turn on the real server

@@ -129,7 +129,9 @@
   function startCard(card, ev) {
     card.dataset.state = "running";
     if (ev.model) card.querySelector(".model").textContent = ev.model;
-    cardText(card).data = "";                                 // a retry starts the text over
+    // A proposer's retry starts its text over. The aggregator's text is the OpenAI content stream, which a client
+    // never takes back, so a retry of the aggregator continues it.
+    if (ev.attempt > 1 && !card.classList.contains("agg")) cardText(card).data = "";
     card.querySelector(".err").hidden = true;
     card.querySelector(".meta").textContent = ev.attempt > 1 ? `writing… (attempt ${ev.attempt})` : "writing…";
   }

@@ -9,17 +9,17 @@ Turns prompts into conversations, picks the backend, owns the runner's lifetime.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from moa_local.config.recipe import Recipe, override_sampling
-from moa_local.config.registry import load_recipe
+from moa_local.config.registry import format_validation_error, load_recipe
 from moa_local.engines import resolve_backend
 from moa_local.errors import InputError, RecipeError
-from moa_local.pipeline import Conversation, LayerRunner, MoAPipeline, Progress, Result
+from moa_local.pipeline import Conversation, Listener, MoAPipeline, Result, Runner, Schedule, Streamed
 from moa_local.prompts import Message
 
 if TYPE_CHECKING:
@@ -27,6 +27,25 @@ if TYPE_CHECKING:
 
 PromptLike = str | list[Message] | Conversation
 ROLES = ("system", "user", "assistant")
+
+
+def check_text(value: Any, where: str) -> None:
+    """Every string in ``value`` (a JSON value) must be valid Unicode text: no lone surrogates such as "\\ud800",
+    which JSON allows as escapes but no file, tokenizer or HTTP response can carry. Raises InputError."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"{where}: holds a lone surrogate (an invalid \\ud800-\\udfff escape); fix the "
+                                 "text") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def validate_messages(messages: Any, *, where: str = "messages") -> list[Message]:
@@ -59,36 +78,69 @@ def to_conversation(item: PromptLike, index: int) -> Conversation:
 
 
 class MoA:
-    """A loaded recipe: engines up, ready to run batches. Use as a context manager to shut the engines down."""
+    """A loaded recipe: engines up, ready to run. Use as a context manager to shut the engines down."""
 
-    def __init__(self, recipe: Recipe, runner: LayerRunner, *, backend: str) -> None:
+    def __init__(self, recipe: Recipe, runner: Runner, *, backend: str, plan: Plan | None = None,
+                 schedule: Schedule | None = None, window: int | None = None) -> None:
         self.recipe = recipe
         self.backend = backend
         self.runner = runner
-        self.pipeline = MoAPipeline(recipe, runner)
-        self.plan: Plan | None = None
+        self.plan = plan
         """The placement the engines run under (None when a runner was passed in or the engines run on Ray)."""
+        self.pipeline = MoAPipeline(recipe, runner, schedule=schedule, window=window)
 
-    def run(self, prompts: Sequence[PromptLike], *, progress: Progress | None = None) -> list[Result]:
-        """Run a batch: each item a prompt string, a messages list, or a Conversation. Results keep the order."""
+    def run(self, prompts: Sequence[PromptLike], *, listener: Listener | None = None) -> list[Result]:
+        """Run a batch: each item a prompt string, a messages list, or a Conversation. Results keep the order.
+        ``listener`` gets every role's start/done events (scheduler.RoleEvent) as they happen."""
         conversations = [to_conversation(p, i) for i, p in enumerate(prompts)]
-        return self.pipeline.run(conversations, progress=progress)
+        return self.pipeline.run(conversations, listener=listener)
 
-    def stream(self, prompt: PromptLike, *, progress: Progress | None = None) -> Iterator[str]:
-        """Run the layers for one conversation, then yield the aggregator's answer as it is written."""
-        _, deltas = self.pipeline.stream(to_conversation(prompt, 0), progress=progress)
-        return deltas
+    def stream(self, prompt: PromptLike, *, listener: Listener | None = None) -> Streamed:
+        """Run one conversation; iterate the returned object for the aggregator's answer as it is written, then
+        call its ``result()`` for the trace."""
+        return self.pipeline.stream(to_conversation(prompt, 0), listener=listener)
 
     def close(self) -> None:
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.runner.close()
 
     def __enter__(self) -> MoA:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_engines(
+    recipe: Recipe,
+    *,
+    backend: str,
+    ray_address: str | None = None,
+    gpus: str | None = None,
+    nodes: str | None = None,
+    cpu_memory: str | None = None,
+    cpu_cores: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Runner, Plan | None]:
+    """The one door to engines (``load``, ``eval``, ``serve`` and ``chat`` all come through it): on a Ray cluster
+    (``ray_address``, else the recipe's ``cluster.address``) the RayRunner plans on the cluster's resources;
+    locally the recipe is planned on the hardware (``gpus``/``nodes``/``cpu_memory``/``cpu_cores`` as in
+    `moa-local plan`, the rest detected) and refused with PlacementError before anything loads if it cannot fit,
+    then started as the plan says (its cores, GPUs, memory shares and sleep mode; phases when it needs several).
+    Returns the runner and the plan (None on Ray)."""
+    address = ray_address if ray_address is not None else recipe.cluster.address
+    if address:
+        if gpus or nodes or cpu_memory or cpu_cores:
+            raise InputError("--gpus/--nodes/--cpu-memory/--cpu-cores plan local engines; on a Ray cluster the "
+                             "cluster's own resources are planned. Drop them, or drop --ray-address.")
+        from moa_local.cluster import RayRunner
+
+        return RayRunner.for_recipe(recipe, backend=backend, address=address, log=log), None
+    from moa_local.placement import build_hardware, plan_recipe
+    from moa_local.placement.phases import start_runner
+
+    hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
+    plan = plan_recipe(recipe, hardware, backend=backend)
+    return start_runner(recipe, plan, backend=backend, log=log), plan
 
 
 def load(
@@ -98,43 +150,35 @@ def load(
     max_tokens: int | None = None,
     temperature: float | None = None,
     seed: int | None = None,
-    runner: LayerRunner | None = None,
+    runner: Runner | None = None,
     ray_address: str | None = None,
     gpus: str | None = None,
     nodes: str | None = None,
     cpu_memory: str | None = None,
     cpu_cores: int | None = None,
+    schedule: Schedule | None = None,
+    window: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> MoA:
-    """Load a recipe (a built-in name, a YAML path, or a Recipe) and start its engines.
+    """Load a recipe (a built-in name, a YAML path, or a Recipe) and start its engines (``start_engines``).
 
     ``backend`` overrides the recipe's (auto, vllm, transformers, fake); sampling overrides apply to every role.
-    ``runner`` replaces the engine pool (tests, the phased executor). ``ray_address`` (default: the recipe's
-    ``cluster.address``) runs the engines as actors on a Ray cluster: 'auto', 'ray://host:10001' or 'local'.
-    Run locally, the recipe is first planned on the hardware (``gpus``/``nodes``/``cpu_memory``/``cpu_cores`` as
-    in `moa-local plan`, the rest detected): PlacementError before anything loads if it cannot fit; the plan's
-    per-engine settings go to the engines; a plan of several phases runs on the phased executor."""
+    ``runner`` replaces the engines (tests). ``schedule`` (flow or stage) and ``window`` (conversations in flight)
+    tune the scheduler; by default flow for resident plans, stage for phased ones."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
         rec = override_sampling(rec, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    except (ValidationError, ValueError) as exc:
-        raise RecipeError(f"bad sampling override: {exc}") from exc
+    except ValidationError as exc:
+        raise RecipeError(f"bad sampling override: {format_validation_error(exc)}") from None
+    except ValueError as exc:
+        raise RecipeError(f"bad sampling override: {exc}") from None
     chosen = resolve_backend(backend or rec.backend)
-    address = ray_address if ray_address is not None else rec.cluster.address
-    if runner is None and address:
-        if gpus or nodes or cpu_memory or cpu_cores:
-            raise InputError("--gpus/--nodes/--cpu-memory/--cpu-cores plan local engines; on a Ray cluster the "
-                             "cluster's own resources are planned. Drop them, or drop --ray-address.")
-        from moa_local.cluster import RayRunner
-
-        runner = RayRunner.for_recipe(rec, backend=chosen, address=address)
     plan = None
-    if runner is None:  # plan before loading anything: refuse what cannot fit, then resident pool or phases
-        from moa_local.placement import build_hardware, plan_recipe
-        from moa_local.placement.phases import start_runner
-
-        hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
-        plan = plan_recipe(rec, hardware, backend=chosen)
-        runner = start_runner(rec, plan, backend=chosen)
-    moa = MoA(rec, runner, backend=chosen)
-    moa.plan = plan
-    return moa
+    if runner is None:
+        runner, plan = start_engines(rec, backend=chosen, ray_address=ray_address, gpus=gpus, nodes=nodes,
+                                     cpu_memory=cpu_memory, cpu_cores=cpu_cores, log=log)
+    try:
+        return MoA(rec, runner, backend=chosen, plan=plan, schedule=schedule, window=window)
+    except BaseException:
+        runner.close()
+        raise

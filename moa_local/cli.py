@@ -27,7 +27,7 @@ app.add_typer(models_app, name="models")
 # Wide when piped, so tables are not cut at 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "resume": None}
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Built-in recipe name or path to a recipe YAML.")]
 BackendOpt = Annotated[
@@ -52,9 +52,14 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
     _state["debug"] = debug
 
 
-def _progress_printer() -> Callable[[str, int, int], None]:
-    def show(stage: str, done: int, total: int) -> None:
-        err.print(f"[dim]{stage}: {done}/{total} requests done[/dim]")
+def _role_printer(layers: int) -> Callable[[Any], None]:
+    """A scheduler listener that prints one dim line per finished role (single-prompt runs)."""
+
+    def show(event: Any) -> None:
+        if event.kind == "done" and event.response is not None:
+            where = "aggregator" if event.aggregator else f"layer {event.layer}/{layers}"
+            status = "ok" if event.response.ok else f"failed: {event.response.error}"
+            err.print(f"[dim]{where}: {event.role} {status} ({event.response.seconds:.1f} s)[/dim]", highlight=False)
 
     return show
 
@@ -104,6 +109,25 @@ def _summary_table(result: Any) -> Table:
     return table
 
 
+ScheduleOpt = Annotated[
+    str | None,
+    typer.Option("--schedule", help="flow: each conversation moves on the moment its previous layer is in (default "
+                 "when every model is resident); stage: layer by layer over the whole job (the default for phased "
+                 "plans, which then swap once per phase change)."),
+]
+WindowOpt = Annotated[
+    int | None,
+    typer.Option("--window", min=1, max=65536, help="Conversations in flight at once (default: from the engines' "
+                 "capacity)."),
+]
+
+
+def _schedule(value: str | None) -> Any:
+    if value is not None and value not in ("flow", "stage"):
+        raise InputError(f"--schedule '{value}' is not a schedule; use flow or stage")
+    return value
+
+
 @app.command()
 def run(
     prompt: Annotated[str | None, typer.Argument(help="One prompt. Omit and use --input for a batch job.")] = None,
@@ -115,17 +139,23 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Override the sampling seed for every role.")] = None,
     trace: Annotated[Path | None, typer.Option(help="Write the trace as JSON (one prompt), or add it to each output line.")] = None,
     backend: BackendOpt = None,
-    chunk_size: Annotated[int, typer.Option(help="Batch job: conversations per pipeline batch (a kill loses at most one chunk).")] = 256,
+    schedule: ScheduleOpt = None,
+    window: WindowOpt = None,
+    summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Batch: also write the end summary as JSON.")] = None,
+    keep_journal: Annotated[bool, typer.Option("--keep-journal", help="Batch, stage schedule: keep OUTPUT.journal "
+                                               "(every finished response) after the job completes.")] = False,
     ray_address: RayAddressOpt = None,
     gpus: GpusOpt = None,
     nodes: NodesOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     cpu_cores: CpuCoresOpt = None,
 ) -> None:
-    """Run a recipe on one prompt, or on a JSONL batch (resumable). The recipe is planned on the hardware first:
-    one that cannot fit stops before anything loads; one that fits only in phases runs phase by phase."""
+    """Run a recipe on one prompt, or on a JSONL batch (streamed, resumable). Everything is checked before any
+    engine loads: the recipe is planned on the hardware (refused if it cannot fit; run in phases if it must), the
+    input validated line by line, the output and trace paths checked."""
     from moa_local.api import load
-    from moa_local.batch import read_input, run_batch
+    from moa_local.batch import prepare_batch, run_batch
+    from moa_local.batch.jsonl import check_writable
     from moa_local.config import load_recipe
 
     if (prompt is None) == (input is None):
@@ -134,24 +164,60 @@ def run(
         raise InputError("--input needs --output FILE")
     if prompt is not None and not prompt.strip():
         raise InputError("PROMPT is empty")
+    if prompt is not None and (summary_json or keep_journal):
+        raise InputError("--summary-json and --keep-journal are for batch jobs (--input/--output)")
+    chosen = _schedule(schedule)
     rec = load_recipe(recipe)  # validate before anything heavy
-    records = read_input(input) if input is not None else None
-    with load(rec, backend=backend, max_tokens=max_tokens, temperature=temperature, seed=seed, ray_address=ray_address,
-              gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores) as moa:
-        if records is not None and output is not None:
-            with _batch_progress(len(records)) as update:
-                counts = run_batch(moa, records, output, chunk_size=chunk_size, trace=trace is not None, on_records=update)
-            err.print(f"done: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} already in {output}")
-            if counts["failed"]:
-                raise typer.Exit(1)
-            return
-        (result,) = moa.run([prompt or ""], progress=_progress_printer())
+    job = None
+    if input is not None and output is not None:
+        if summary_json is not None:
+            check_writable(summary_json, what="--summary-json", avoid=input)
+        job = prepare_batch(input, output)
+        _state["resume"] = f"finished records are in {output}; rerun the same command to resume"
+    elif trace is not None:
+        _check_trace_path(trace)
+    try:
+        with load(rec, backend=backend, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                  ray_address=ray_address, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores,
+                  schedule=chosen, window=window, log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False)) as moa:
+            if job is not None:
+                with _batch_progress(job.total) as update:
+                    summary = run_batch(moa, job, trace=trace is not None, keep_journal=keep_journal,
+                                        on_progress=update,
+                                        on_step=lambda label, n: None)
+                err.print(f"done: {summary.line()}", highlight=False)
+                if summary.journal:
+                    err.print(f"journal kept: {summary.journal}", highlight=False)
+                if summary_json is not None:
+                    summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+                if summary.failed:
+                    raise typer.Exit(1)
+                return
+            (result,) = moa.run([prompt or ""], listener=_role_printer(rec.layers))
+    finally:
+        if job is not None:
+            job.close()
     err.print(_summary_table(result))
     if trace is not None:
-        trace.write_text(json.dumps(result.trace(), indent=2, ensure_ascii=False))
+        trace.write_text(json.dumps(result.trace(), indent=2, ensure_ascii=False), encoding="utf-8")
     if not result.ok:
         raise MoaError(result.error or "failed")
     sys.stdout.write((result.output or "") + "\n")
+
+
+def _check_trace_path(path: Path) -> None:
+    """A --trace file may be written: absent, or a trace this tool wrote earlier (never another file)."""
+    from moa_local.batch.jsonl import check_writable
+
+    if path.is_file() and path.stat().st_size:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            data = None
+        if not isinstance(data, dict) or not {"layers", "aggregator"} <= set(data):
+            raise InputError(f"--trace {path} exists and is not a trace written by moa-local; it was left "
+                             "untouched. Give another path")
+    check_writable(path, what="--trace")
 
 
 @recipes_app.command("list")
@@ -262,27 +328,33 @@ def _with_aggregation(recipe: str, aggregation: str | None, chunk_tokens: int | 
         raise RecipeError(f"bad override: {format_validation_error(exc)}") from None
 
 
+def _serve_default(name: str) -> Any:
+    from moa_local.server.settings import ServerSettings
+
+    return ServerSettings.model_fields[name].default
+
+
 @app.command()
 def serve(
     recipe: RecipeOpt = "tiny",
-    host: Annotated[str, typer.Option(help=_serve_help("host"))] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help=_serve_help("port"))] = 8000,
+    host: Annotated[str, typer.Option(help=_serve_help("host"))] = _serve_default("host"),
+    port: Annotated[int, typer.Option(help=_serve_help("port"))] = _serve_default("port"),
     api_key: Annotated[
         str | None, typer.Option("--api-key", envvar="MOA_LOCAL_API_KEY", show_envvar=True, help=_serve_help("api_key"))
     ] = None,
     backend: BackendOpt = None,
     aggregation: AggregationOpt = None,
     chunk_tokens: ChunkOpt = None,
-    gather_ms: Annotated[float, typer.Option(help=_serve_help("gather_ms"))] = 20.0,
-    max_batch: Annotated[int, typer.Option(help=_serve_help("max_batch"))] = 32,
-    max_queue: Annotated[int, typer.Option(help=_serve_help("max_queue"))] = 256,
+    window: Annotated[int | None, typer.Option(help=_serve_help("window"))] = None,
+    max_queue: Annotated[int, typer.Option(help=_serve_help("max_queue"))] = _serve_default("max_queue"),
     ray_address: RayAddressOpt = None,
     gpus: GpusOpt = None,
     nodes: NodesOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     cpu_cores: CpuCoresOpt = None,
 ) -> None:
-    """Serve a recipe over an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models, GET /health."""
+    """Serve a recipe over an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models, GET /health. The
+    port is bound before any engine loads."""
     import importlib.util
 
     from pydantic import ValidationError
@@ -295,20 +367,27 @@ def serve(
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise MissingDependencyError("fastapi", extra="server", purpose="`moa-local serve`")
     try:
-        settings = ServerSettings(host=host, port=port, api_key=api_key or None, gather_ms=gather_ms,
-                                  max_batch=max_batch, max_queue=max_queue)
+        settings = ServerSettings(host=host, port=port, api_key=api_key, window=window, max_queue=max_queue)
     except ValidationError as exc:
-        raise typer.BadParameter(format_validation_error(exc)) from None
+        raise InputError(f"bad serve option: {format_validation_error(exc)}") from None
     rec = _with_aggregation(recipe, aggregation, chunk_tokens)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         err.print(f"[yellow]warning:[/yellow] serving on {settings.host} without an API key: anyone who can reach it can use it")
-    with load(rec, backend=backend, ray_address=ray_address, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory,
-              cpu_cores=cpu_cores) as moa:
-        from moa_local.server.background import serve_forever
-        from moa_local.server.openai import create_app
+    from moa_local.server.background import bind, serve_forever
 
-        err.print(f"serving recipe '{rec.name}' ({moa.backend}, {rec.aggregation} aggregation) at http://{settings.host}:{settings.port}/v1")
-        serve_forever(create_app(moa, settings=settings), host=settings.host, port=settings.port)
+    sock = bind(settings.host, settings.port)
+    try:
+        with load(rec, backend=backend, ray_address=ray_address, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory,
+                  cpu_cores=cpu_cores, window=settings.window,
+                  log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False)) as moa:
+            from moa_local.server.openai import create_app
+
+            bound = sock.getsockname()[1]
+            err.print(f"serving recipe '{rec.name}' ({moa.backend}, {rec.aggregation} aggregation) at "
+                      f"http://{settings.host}:{bound}/v1")
+            serve_forever(create_app(moa, settings=settings), sock=sock)
+    finally:
+        sock.close()
 
 
 @app.command()
@@ -318,6 +397,7 @@ def chat(
     aggregation: AggregationOpt = None,
     chunk_tokens: ChunkOpt = None,
     system: Annotated[str | None, typer.Option(help="A system message that opens the conversation.")] = None,
+    ray_address: RayAddressOpt = None,
     gpus: GpusOpt = None,
     nodes: NodesOpt = None,
     cpu_memory: CpuMemoryOpt = None,
@@ -328,7 +408,8 @@ def chat(
     from moa_local.chat import run_repl
 
     rec = _with_aggregation(recipe, aggregation, chunk_tokens)
-    with load(rec, backend=backend, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores) as moa:
+    with load(rec, backend=backend, ray_address=ray_address, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory,
+              cpu_cores=cpu_cores, log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False)) as moa:
         code = run_repl(moa, system=system)
     if code:
         raise typer.Exit(code)
@@ -350,7 +431,7 @@ def eval(
         "or a system of this run, e.g. proposer:smollm2.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Override max_tokens for every role.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Override temperature for every role.")] = None,
-    judge_max_tokens: Annotated[int | None, typer.Option(help="The judge's answer budget (default per suite).")] = None,
+    judge_max_tokens: Annotated[int | None, typer.Option(min=1, help="The judge's answer budget (default per suite).")] = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Items per batch; every system runs each chunk.")] = 32,
     proposers_from_moa: Annotated[bool, typer.Option(
         help="Score each proposer alone on MoA's own layer-1 answers (the same request, one sample) instead of a "
@@ -367,6 +448,7 @@ def eval(
     import datetime
     import shlex
 
+    from moa_local.api import start_engines
     from moa_local.config import load_recipe
     from moa_local.config.recipe import override_sampling
     from moa_local.eval import get_suite, parse_baselines, run_eval, write_report
@@ -391,30 +473,23 @@ def eval(
             raise InputError(f"suite '{suite}' needs --judge MODEL_ID, e.g. --judge {rec.aggregator.model}")
         from moa_local.config.recipe import Role
         from moa_local.engines import resolve_backend
+        from moa_local.placement import build_hardware
 
         chosen_backend = resolve_backend(backend or rec.backend)
-        # The pool starts the recipe's engines plus the judge's (when it is another model), through the same door
-        # as `moa-local run`: all systems of the run share these engines.
+        # The engines are the recipe's plus the judge's (when it is another model), started through the same door
+        # as `moa-local run`: all systems of the run share them.
         pool_recipe = rec
         if judge and judge not in rec.model_ids():
             pool_recipe = rec.model_copy(update={"proposers": [*rec.proposers, Role(model=judge, name="judge")]})
-
         info["backend"] = chosen_backend
-        address = ray_address or rec.cluster.address
-        if address:  # the same engines as actors on a Ray cluster (docs/cluster.md)
-            from moa_local.cluster import RayRunner
-
-            runner_cm: Any = RayRunner.for_recipe(pool_recipe, backend=chosen_backend, address=address,
-                                                  log=lambda m: err.print(f"[dim]{m}[/dim]"))
-        else:  # planned first (refused before loading if it cannot fit); several phases run on the phased executor
-            from moa_local.placement import build_hardware, plan_recipe, start_runner
-
-            hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
-            info["machine"] = hardware.describe()  # the report's header: compare numbers on one machine only
-            placed = plan_recipe(pool_recipe, hardware, backend=chosen_backend)
-            runner_cm = start_runner(pool_recipe, placed, backend=chosen_backend, log=lambda m: err.print(f"[dim]{m}[/dim]"))
-        with runner_cm as pool, \
-                _eval_progress() as progress:
+        if not (ray_address or rec.cluster.address):  # the report's header: compare numbers on one machine only
+            info["machine"] = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory,
+                                             cpu_cores=cpu_cores).describe()
+        runner, _ = start_engines(pool_recipe, backend=chosen_backend, ray_address=ray_address, gpus=gpus,
+                                  nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores,
+                                  log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+        _state["resume"] = f"scored items are in {folder}; rerun the same command to resume"
+        with runner as pool, _eval_progress() as progress:
             run_eval(chosen, rec, pool, output=folder, baselines=base, limit=limit, judge=judge,
                      judge_max_tokens=judge_max_tokens, reference=reference, chunk_size=chunk_size,
                      proposers_from_moa=proposers_from_moa, run_info=info, progress=progress)
@@ -468,7 +543,64 @@ def view(
     written = write_report(path, output, input=input)
     err.print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB); open it in a browser")
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (exit 143 instead of 130)."""
+
+
+def _install_signal_handlers() -> Callable[[], None]:
+    """SIGINT and SIGTERM stop the command: the first raises in the main thread (in-flight work is abandoned,
+    finished records kept, engines closed); a second one exits at once. Returns what puts the old handlers back."""
+    import os
+    import signal
+
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def hard_exit(signum: int, _frame: object) -> None:
+        os.write(2, b"\ninterrupted again: exiting now\n")
+        os._exit(128 + signum)
+
+    def first(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, hard_exit)
+        signal.signal(signal.SIGTERM, hard_exit)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _usage_line(exc: Exception) -> str | None:
+    """One line for a command-line usage error (typer's vendored click or click itself), else None."""
+    import click
+
+    classes: tuple[type[BaseException], ...] = (click.ClickException,)
+    vendored = getattr(typer, "TyperException", None)
+    if vendored is not None:
+        classes = (*classes, vendored)
+    if not isinstance(exc, classes):
+        return None
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "moa-local"
+    return f"{message.strip().rstrip('.')}. See '{where} --help'."
+
+
 def main() -> None:
+    restore = _install_signal_handlers()
+    try:
+        _run_app()
+    finally:
+        restore()
+
+
+def _run_app() -> None:
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns exit codes here (Ctrl-C: 130) instead of exiting
@@ -480,20 +612,29 @@ def main() -> None:
             raise
         from rich.markup import escape  # messages hold brackets, e.g. 'moa-local[ray]'
 
-        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        hint = f": {_state['resume']}" if _state["resume"] else ""
+        err.print(f"interrupted{hint}", highlight=False)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and the like
-        import click
+    except Exception as exc:  # usage errors, and anything unexpected: one line, a traceback only with --debug
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        line = _usage_line(exc)
+        from rich.markup import escape
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        if line is not None:
+            err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] internal error ({escape(type(exc).__name__)}: {escape(str(exc)[:300])}); "
+                  "rerun with --debug for the traceback", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -43,15 +43,18 @@ def questions(n: int) -> list[str]:
 
 
 def engine_options(model_ids: list[str], *, shared: bool) -> dict[str, Any]:
-    """The tiny recipe's engine options, with the pool's core split (or every core for each, when shared)."""
+    """The tiny recipe's engine options as its plan on this machine decides them (one core set per engine), or
+    every core for each when shared."""
     from moa_local.config import load_recipe
-    from moa_local.engines.cpu import assign_cpu_threads, available_cores, format_cores
+    from moa_local.engines.cpu import available_cores, format_cores
+    from moa_local.placement import build_hardware, plan_recipe, planned_options
 
     recipe = load_recipe("tiny")
-    opts = {m: recipe.engine_options(m) for m in model_ids}
+    opts = planned_options(recipe, plan_recipe(recipe, build_hardware(), backend="vllm"))
+    opts = {m: opts[m] for m in model_ids}
     if shared:
         return {m: o.model_copy(update={"cpu_threads": format_cores(available_cores())}) for m, o in opts.items()}
-    return assign_cpu_threads(opts)
+    return opts
 
 
 def rendered(model_id: str, prompts: list[str]) -> tuple[list[list[int]], tuple[str, ...]]:
@@ -153,17 +156,19 @@ def bench_moa(model_ids: list[str], options: dict[str, Any], prompts: list[str],
         "engines": {m: options[m].model_dump() for m in model_ids},
     })
     runs = []
-    with moa_local.load(recipe) as moa:
+    with moa_local.load(recipe, schedule="stage") as moa:  # the layer is one step, the aggregator the next
         for _ in range(repeat):
             marks: dict[str, float] = {}
 
-            def progress(stage: str, done: int, total: int, marks: dict[str, float] = marks) -> None:
-                if stage.startswith("layer"):
-                    marks.setdefault("start", time.perf_counter())
-                    if done == total:
-                        marks["end"] = time.perf_counter()
+            def listener(event: Any, marks: dict[str, float] = marks) -> None:
+                if event.aggregator:
+                    return
+                now = time.perf_counter()
+                marks.setdefault("start", now)
+                if event.kind == "done":
+                    marks["end"] = now
 
-            results = moa.run(prompts, progress=progress)
+            results = moa.run(prompts, listener=listener)
             responses = [r for res in results for layer in res.layers for r in layer.responses]
             failed = [r.error for r in responses if not r.ok]
             if failed:

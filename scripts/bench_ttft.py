@@ -40,8 +40,7 @@ def _chat_path(moa: Any, prompt: str) -> tuple[float, float, str]:
     start = time.perf_counter()
     first = None
     text = ""
-    _, deltas = moa.pipeline.stream(Conversation("bench", [{"role": "user", "content": prompt}]))
-    for delta in deltas:
+    for delta in moa.pipeline.stream(Conversation("bench", [{"role": "user", "content": prompt}])):
         if delta.strip() and first is None:
             first = time.perf_counter() - start
         text += delta
@@ -97,7 +96,7 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             clients = {}
             for mode, moa in modes.items():
-                url = stack.enter_context(BackgroundServer(create_app(moa, settings=ServerSettings(gather_ms=0))))
+                url = stack.enter_context(BackgroundServer(create_app(moa, settings=ServerSettings())))
                 clients[mode] = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
             hello = [{"role": "user", "content": "Say hello."}]  # warm-up (engines, HTTP connections), not counted
             full.runner.run({m: [Request(hello, Sampling(max_tokens=4), "warm-up")] for m in full.recipe.model_ids()})

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from moa_local.api import MoA
 from moa_local.errors import MoaError
-from moa_local.pipeline import Conversation
+from moa_local.pipeline import Conversation, Listener, RoleEvent
 from moa_local.pipeline.trace import LayerTrace
 from moa_local.prompts import Message
 
@@ -83,8 +83,17 @@ class StatusLine:
                 self.out.flush()
             self.shown = ""
 
-    def progress(self, stage: str, done: int, total: int) -> None:
-        self.show(f"{stage}: {done}/{total} proposers done" if stage.startswith("layer") else f"{stage}: {done}/{total}")
+    def listener(self, layers: int, proposers: int) -> Listener:
+        """A scheduler listener that shows how many proposers of each layer are done."""
+        done: dict[int, int] = {}
+
+        def on_event(event: RoleEvent) -> None:
+            if event.kind != "done" or event.aggregator:
+                return
+            done[event.layer] = done.get(event.layer, 0) + 1
+            self.show(f"layer {event.layer}/{layers}: {done[event.layer]}/{proposers} proposers done")
+
+        return on_event
 
 
 def run_repl(moa: MoA, *, stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
@@ -136,7 +145,9 @@ def ask(moa: MoA, session: ChatSession, text: str, *, stdout: TextIO, status: St
     deltas = None
     status.muted = False
     try:
-        state, deltas = moa.pipeline.stream(conversation, progress=status.progress)
+        run = moa.pipeline.stream(conversation, listener=status.listener(moa.recipe.layers,
+                                                                         len(moa.recipe.proposer_roles())))
+        deltas = iter(run)
         for delta in deltas:
             if not answer:
                 status.clear()
@@ -144,7 +155,7 @@ def ask(moa: MoA, session: ChatSession, text: str, *, stdout: TextIO, status: St
             answer += delta
             stdout.write(delta)
             stdout.flush()
-        session.last_layers = state.layers
+        session.last_layers = run.result().layers
     except MoaError as exc:
         status.clear()
         if answer:

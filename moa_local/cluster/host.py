@@ -20,7 +20,7 @@ from typing import Any
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import EngineOptions
 from moa_local.engines import create_engine
-from moa_local.engines.base import Engine, Generation, MemoryReport, Request
+from moa_local.engines.base import BatchingEngine, Engine, Generation, MemoryReport, Request
 from moa_local.engines.cpu import available_cores, format_cores, parse_cores
 from moa_local.engines.worker import Host
 from moa_local.errors import EngineDiedError, EngineError
@@ -41,15 +41,16 @@ def localize_cpu_threads(options: EngineOptions, cores: Sequence[int]) -> Engine
     return options.model_copy(update={"cpu_threads": format_cores(local)})
 
 
-class InProcessEngine(Engine):
+class InProcessEngine(BatchingEngine):
     """An Engine over a worker.py ``Host`` driven in this process: ``handle`` a call, ``step`` until its reply.
-    One call at a time (the actor runs one method at a time)."""
+    One call at a time, from the dispatcher thread (requests queued meanwhile form the next batch)."""
 
     def __init__(self, model_id: str, host: Host, *, to_generation: Callable[[dict[str, Any]], Generation]) -> None:
         self.model_id = model_id
         self.host: Host | None = host
         self._to_generation = to_generation
         self._next_id = 1
+        self._start_dispatcher()
 
     def _call(self, op: str, payload: Any) -> Iterator[tuple[str, Any]]:
         host = self.host
@@ -82,7 +83,7 @@ class InProcessEngine(Engine):
             if not finished and self.host is not None:
                 self.host.handle("abort", call_id, None, reply)
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def run_batch(self, requests: Sequence[Request]) -> list[Generation]:
         if not requests:
             return []
         for kind, data in self._call("generate", [(list(r.messages), r.sampling) for r in requests]):
@@ -90,7 +91,7 @@ class InProcessEngine(Engine):
                 return [self._to_generation(d) for d in data]
         raise EngineDiedError(f"engine '{self.model_id}' ended a call without a result")
 
-    def stream(self, request: Request) -> Iterator[str]:
+    def run_stream(self, request: Request) -> Iterator[str]:
         for kind, data in self._call("stream", (list(request.messages), request.sampling)):
             if kind == "delta":
                 yield data
@@ -98,6 +99,7 @@ class InProcessEngine(Engine):
                 raise EngineError(f"{self.model_id}: {data['error']}")
 
     def close(self) -> None:
+        self._stop_dispatcher()
         host, self.host = self.host, None
         if host is not None:
             host.close()

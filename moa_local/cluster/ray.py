@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from moa_local.cluster.layout import ActorSpec, ClusterLayout, derive_layout
 from moa_local.cluster.session import RaySession, cluster_hardware, connect, require_ray
 from moa_local.config.recipe import Recipe
 from moa_local.config.registry import load_model_config
-from moa_local.engines.base import Generation, Request
+from moa_local.engines.base import DONE_TICKET, Generation, OnDelta, OnDone, Request, Runner, Ticket, Usage
 from moa_local.errors import EngineDiedError, EngineError, EngineStartError, PlacementError
 
 FORWARDED_ENV = ("MOA_LOCAL_HOME", "MOA_LOCAL_ENGINE_START_TIMEOUT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -46,8 +47,10 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-class RayRunner:
-    """Owns a recipe's engine actors and placement groups on a Ray cluster. Implements the LayerRunner protocol."""
+class RayRunner(Runner):
+    """Owns a recipe's engine actors and placement groups on a Ray cluster. ``submit`` queues a request for its
+    model; one dispatcher thread per model sends whatever is queued to the actor as one batch (an actor runs one
+    call at a time), so a request never waits for other models or layers, only for its actor's current batch."""
 
     def __init__(
         self,
@@ -80,6 +83,8 @@ class RayRunner:
         self._resident: int | None = None
         self._lock = threading.RLock()
         self._closed = False
+        self._queues: dict[str, queue.SimpleQueue[tuple[Request, OnDone] | None]] = {}
+        self._dispatchers: list[threading.Thread] = []
         try:
             first = plan.schedule[0].phase if plan.schedule else 0
             self._enter_phase(first)
@@ -334,6 +339,71 @@ class RayRunner:
                 if why is not None:
                     raise EngineDiedError(f"engine '{model_id}' on the Ray cluster {why}") from exc
 
+    def submit(self, model_id: str, request: Request, *, on_done: OnDone, on_delta: OnDelta | None = None) -> Ticket:
+        if model_id not in self.layout.actors or self._closed:
+            why = "the Ray runner is closed" if self._closed else \
+                f"no engine for model '{model_id}'; on the cluster: {', '.join(self.layout.actors)}"
+            on_done(Generation.failed(why, kind="engine_down"))
+            return DONE_TICKET
+        if on_delta is not None:  # a stream: its own thread reads the actor's streaming generator
+            threading.Thread(target=self._stream_to, args=(model_id, request, on_done, on_delta), daemon=True,
+                             name=f"moa-ray-stream-{model_id}").start()
+            return DONE_TICKET
+        with self._lock:
+            q = self._queues.get(model_id)
+            if q is None:
+                q = self._queues[model_id] = queue.SimpleQueue()
+                thread = threading.Thread(target=self._dispatch, args=(model_id, q), daemon=True,
+                                          name=f"moa-ray-{model_id}")
+                self._dispatchers.append(thread)
+                thread.start()
+        q.put((request, on_done))
+        return DONE_TICKET
+
+    def _dispatch(self, model_id: str, q: queue.SimpleQueue[tuple[Request, OnDone] | None]) -> None:
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            items = [first]
+            while True:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    q.put(None)
+                    break
+                items.append(nxt)
+            try:
+                gens = self.run({model_id: [r for r, _ in items]})[model_id]
+            except Exception as exc:  # the runner itself failed: every request of the batch fails
+                gens = [Generation.failed(f"{type(exc).__name__}: {exc}", kind="engine_down") for _ in items]
+            for (_, on_done), gen in zip(items, gens, strict=True):
+                on_done(gen)
+
+    def _stream_to(self, model_id: str, request: Request, on_done: OnDone, on_delta: OnDelta) -> None:
+        started = time.monotonic()
+        text, count = "", 0
+        try:
+            for piece in self.stream(model_id, request):
+                if piece:
+                    text, count = text + piece, count + 1
+                    on_delta(piece)
+        except Exception as exc:
+            kind = "engine_down" if isinstance(exc, EngineDiedError) else "failed"
+            on_done(Generation.failed(str(exc), kind=kind, seconds=time.monotonic() - started))  # type: ignore[arg-type]
+            return
+        finish = "length" if count >= request.sampling.max_tokens else "stop"
+        on_done(Generation(text=text, usage=Usage(0, count), seconds=time.monotonic() - started, finish_reason=finish))
+
+    def model_ids(self) -> list[str]:
+        return list(self.layout.actors)
+
+    @property
+    def resident_phase(self) -> int | None:
+        return self._resident
+
     def health(self) -> dict[str, bool]:
         """Model id -> whether its actor answers within 5 s."""
         alive = {}
@@ -351,6 +421,8 @@ class RayRunner:
             if self._closed:
                 return
             self._closed = True
+            for q in self._queues.values():
+                q.put(None)
             errors = [e for e in (self._stop_actor(m) for m in list(self.actors)) if e]
             try:
                 self._release(set())
@@ -360,9 +432,4 @@ class RayRunner:
         if errors:
             raise EngineDiedError("errors while closing engines on the Ray cluster: " + "; ".join(errors))
 
-    def __enter__(self) -> RayRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 

@@ -45,9 +45,13 @@ def format_validation_error(err: ValidationError) -> str:
 
 def _read_yaml(path: Path, error: type[Exception]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise error(f"{path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise error(f"{path} nests too deeply to be a recipe or model config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise error(f"{path} must hold a YAML mapping at the top level, got {type(data).__name__}")
     return data

@@ -8,7 +8,7 @@ import sys
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import EngineOptions
 from moa_local.engines.base import Engine, Generation, MemoryReport, Request, Usage
-from moa_local.errors import MissingDependencyError
+from moa_local.errors import InputError, MissingDependencyError
 
 __all__ = ["Engine", "Generation", "MemoryReport", "Request", "Usage", "create_engine", "resolve_backend"]
 
@@ -19,7 +19,7 @@ def resolve_backend(requested: str, *, notify: bool = True) -> str:
     """Turn 'auto' into a concrete backend: vllm when importable, else transformers (with a one-line notice)."""
     if requested != "auto":
         if requested not in BACKENDS:
-            raise ValueError(f"unknown backend '{requested}'; expected auto, {', '.join(BACKENDS)}")
+            raise InputError(f"unknown backend '{requested}'; use auto, {', '.join(BACKENDS)}")
         return requested
     if importlib.util.find_spec("vllm") is not None:
         return "vllm"

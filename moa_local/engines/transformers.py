@@ -13,7 +13,7 @@ from typing import Any
 
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import EngineOptions, Sampling
-from moa_local.engines.base import Engine, Generation, MemoryReport, Request, Usage
+from moa_local.engines.base import BatchingEngine, Generation, MemoryReport, Request, Usage
 from moa_local.errors import EngineStartError
 from moa_local.models.prepare import require_prepared
 from moa_local.prompts import RenderedPrompt, render_prompt
@@ -27,7 +27,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(BatchingEngine):
+    """One model in this process; requests queue for one dispatcher thread that runs them as batches."""
+
     def __init__(self, config: ModelConfig, *, options: EngineOptions) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +58,7 @@ class TransformersEngine(Engine):
         except Exception as exc:  # any load failure becomes one clear error
             raise EngineStartError(f"transformers could not load '{config.id}' from {path}: {exc}") from exc
         self._weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._start_dispatcher()
 
     def render(self, request: Request) -> RenderedPrompt:
         return render_prompt(request.messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer)
@@ -74,7 +77,7 @@ class TransformersEngine(Engine):
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    def run_batch(self, requests: Sequence[Request]) -> list[Generation]:
         out: list[Generation | None] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[tuple[int, list[int], tuple[str, ...]]]] = {}
         for i, req in enumerate(requests):
@@ -83,7 +86,8 @@ class TransformersEngine(Engine):
             if len(ids) + req.sampling.max_tokens > self.max_model_len:
                 out[i] = Generation.failed(
                     f"prompt of {len(ids)} tokens + max_tokens {req.sampling.max_tokens} exceeds "
-                    f"max_model_len {self.max_model_len} of '{self.model_id}'"
+                    f"max_model_len {self.max_model_len} of '{self.model_id}'", kind="too_long",
+                    usage=Usage(len(ids), 0),
                 )
                 continue
             stop = tuple(rendered.stop) + tuple(req.sampling.stop)
@@ -119,7 +123,7 @@ class TransformersEngine(Engine):
             results.append(Generation(text=text.strip(), usage=Usage(len(ids), len(new)), seconds=seconds, finish_reason=finish))
         return results
 
-    def stream(self, request: Request) -> Iterator[str]:
+    def run_stream(self, request: Request) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         rendered = self.render(request)
@@ -161,6 +165,7 @@ class TransformersEngine(Engine):
     def close(self) -> None:
         if getattr(self, "model", None) is None:
             return
+        self._stop_dispatcher()
         self.model = None
         if self.device == "cuda":
             self._torch.cuda.empty_cache()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,17 @@ from typing import Any
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import EngineOptions, Sampling
 from moa_local.config.registry import moa_home
-from moa_local.engines.base import Engine, Generation, MemoryReport, Request, Usage
+from moa_local.engines.base import (
+    DONE_TICKET,
+    Engine,
+    Generation,
+    MemoryReport,
+    OnDelta,
+    OnDone,
+    Request,
+    Ticket,
+    Usage,
+)
 from moa_local.engines.cpu import available_cores, format_cores, parse_cores
 from moa_local.engines.worker import Reply, WorkerProcess, WorkerSpec
 from moa_local.errors import EngineError, EngineStartError
@@ -143,6 +154,7 @@ class _Call:
     results: list[dict[str, Any] | None]
     remaining: int
     stream: bool = False
+    single: bool = False  # a "submit" call: its result is one generation, not a list
 
 
 @dataclass
@@ -159,9 +171,9 @@ class _Pending:
 
 
 def _gen(text: str | None, *, error: str | None = None, prompt_tokens: int = 0, completion_tokens: int = 0,
-         seconds: float = 0.0, finish_reason: str | None = None) -> dict[str, Any]:
+         seconds: float = 0.0, finish_reason: str | None = None, kind: str | None = None) -> dict[str, Any]:
     return {"text": text, "error": error, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "seconds": seconds, "finish_reason": finish_reason}
+            "seconds": seconds, "finish_reason": finish_reason, "kind": kind if error else None}
 
 
 class VLLMHost:
@@ -221,10 +233,11 @@ class VLLMHost:
             rendered = render_prompt(messages, prompt_format=self.config.prompt_format, tokenizer=self.tokenizer)
             ids: list[int] = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
         except Exception as exc:  # e.g. a chat template that rejects these messages
-            return _gen(None, error=f"could not render the prompt for '{self.config.id}': {exc}")
+            return _gen(None, error=f"could not render the prompt for '{self.config.id}': {exc}", kind="invalid")
         if len(ids) + sampling.max_tokens > self.max_model_len:
             return _gen(None, error=f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds "
-                                   f"max_model_len {self.max_model_len} of '{self.config.id}'", prompt_tokens=len(ids))
+                                   f"max_model_len {self.max_model_len} of '{self.config.id}'", prompt_tokens=len(ids),
+                        kind="too_long")
         stop = tuple(rendered.stop) + tuple(sampling.stop)
         params = self._SamplingParams(**sampling_kwargs(sampling, stop=rendered.stop))
         params.output_kind = self._kinds[1] if call.stream else self._kinds[0]
@@ -232,7 +245,7 @@ class VLLMHost:
         try:
             self.engine.add_request(rid, self._to_input(ids), params)
         except Exception as exc:  # vLLM refused this one request
-            return _gen(None, error=f"vllm rejected the request: {exc}", prompt_tokens=len(ids))
+            return _gen(None, error=f"vllm rejected the request: {exc}", prompt_tokens=len(ids), kind="invalid")
         continuing = bool(messages) and messages[-1]["role"] == "assistant"
         self._pending[rid] = _Pending(call=call, index=index, prompt_tokens=len(ids), stop=stop,
                                       keep_eos=sampling.ignore_eos, continuing=continuing)
@@ -250,10 +263,15 @@ class VLLMHost:
             if rids:
                 self.engine.abort_request(rids)
             return
-        if op not in ("generate", "stream"):
+        if op == "submit":  # one request, answered alone: (messages, sampling, stream)
+            messages, sampling, stream = payload
+            items: list[tuple[list[Message], Sampling]] = [(messages, sampling)]
+            call = _Call(call_id, results=[None], remaining=1, stream=bool(stream), single=True)
+        elif op in ("generate", "stream"):
+            items = payload if op == "generate" else [payload]
+            call = _Call(call_id, results=[None] * len(items), remaining=len(items), stream=op == "stream")
+        else:
             raise ValueError(f"unknown op '{op}'")
-        items: list[tuple[list[Message], Sampling]] = payload if op == "generate" else [payload]
-        call = _Call(call_id, results=[None] * len(items), remaining=len(items), stream=op == "stream")
         for index, (messages, sampling) in enumerate(items):
             failed = self._add(call, index, messages, sampling)
             if failed is not None:
@@ -311,7 +329,8 @@ class VLLMHost:
             text = cut_at_stop(completion.text, pending.stop)
             text, tokens = (text.rstrip() if pending.continuing else text.strip()), len(ids)
         if completion.finish_reason == "abort":
-            result = _gen(None, error="request aborted", prompt_tokens=pending.prompt_tokens, seconds=seconds)
+            result = _gen(None, error="request aborted", prompt_tokens=pending.prompt_tokens, seconds=seconds,
+                          kind="aborted")
         else:
             result = _gen(text, prompt_tokens=pending.prompt_tokens, completion_tokens=tokens, seconds=seconds,
                           finish_reason=completion.finish_reason)
@@ -322,7 +341,7 @@ class VLLMHost:
 
     def _finish_call(self, call: _Call, reply: Reply) -> None:
         self._by_call.pop(call.call_id, None)
-        reply("result", call.call_id, call.results[0] if call.stream else call.results)
+        reply("result", call.call_id, call.results[0] if (call.stream or call.single) else call.results)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -339,6 +358,7 @@ def _generation(d: dict[str, Any]) -> Generation:
         seconds=d["seconds"],
         error=d["error"],
         finish_reason=d["finish_reason"],
+        kind=d.get("kind") or ("failed" if d["error"] else None),
     )
 
 
@@ -353,8 +373,6 @@ class VLLMEngine(Engine):
     def __init__(self, config: ModelConfig, *, options: EngineOptions, start_timeout_s: float | None = None) -> None:
         check_options(config, options)
         path = require_prepared(config)
-        if not options.cpu_threads:  # alone: every allowed core (the pool splits cores between co-resident engines)
-            options = options.model_copy(update={"cpu_threads": format_cores(available_cores())})
         self.model_id = config.id
         self.config = config
         self.options = options
@@ -370,22 +388,46 @@ class VLLMEngine(Engine):
         self.worker = WorkerProcess(spec, start_timeout_s=timeout)
         self.info = self.worker.info
 
-    def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        if not requests:
-            return []
-        try:
-            payload = self.worker.call("generate", [(list(r.messages), r.sampling) for r in requests])
-        except EngineError:
-            self._healthy_close = False
-            raise
-        return [_generation(d) for d in payload]
+    def submit(self, request: Request, *, on_done: OnDone, on_delta: OnDelta | None = None) -> Ticket:
+        """Send one request to the worker, which adds it to the running engine at once (continuous batching).
+        Replies reach ``on_delta`` / ``on_done`` from the worker's reader thread."""
+        lock = threading.Lock()
+        state = {"done": False}
 
-    def stream(self, request: Request) -> Iterator[str]:
-        for kind, payload in self.worker.stream_call("stream", (list(request.messages), request.sampling)):
+        def finish(gen: Generation) -> None:
+            with lock:
+                if state["done"]:
+                    return
+                state["done"] = True
+            on_done(gen)
+
+        def sink(item: tuple[str, Any]) -> None:
+            kind, payload = item
             if kind == "delta":
-                yield payload
-            elif payload["error"]:
-                raise EngineError(f"{self.model_id}: {payload['error']}")
+                if on_delta is not None and not state["done"]:
+                    on_delta(payload)
+            elif kind == "result":
+                finish(_generation(payload))
+            elif kind == "died":
+                self._healthy_close = False
+                finish(Generation.failed(f"engine '{self.model_id}' died: {payload}. Its log: {self.worker.log_path}",
+                                         kind="engine_down"))
+            else:  # "error": the worker could not take this call
+                finish(Generation.failed(f"engine '{self.model_id}': {payload}"))
+
+        try:
+            call_id = self.worker.send_call("submit", (list(request.messages), request.sampling, on_delta is not None),
+                                            sink)
+        except EngineError as exc:
+            self._healthy_close = False
+            finish(Generation.failed(str(exc), kind="engine_down"))
+            return DONE_TICKET
+
+        def cancel() -> None:
+            self.worker.cancel(call_id)
+            finish(Generation.failed("request aborted", kind="aborted"))
+
+        return Ticket(cancel)
 
     def sleep(self, level: int = 1) -> None:
         """Swap out by vLLM sleep mode (GPU engines started with ``enable_sleep_mode``); raises EngineError where

@@ -245,7 +245,8 @@ class WorkerProcess:
         self.name = spec.name
         self.log_path = spec.log_path
         self.info: dict[str, Any] = {}
-        self._calls: dict[int, queue.Queue[tuple[str, Any]]] = {}
+        self._calls: dict[int, Callable[[tuple[str, Any]], None]] = {}
+        """Call id -> where its replies go (a queue's put, or a caller's callback run in the reader thread)."""
         self._calls_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._next_id = 1
@@ -314,15 +315,21 @@ class WorkerProcess:
         return self._ready and not self._closed and self._dead is None and self.process.is_alive()
 
     def _open_call(self, op: str, payload: Any) -> tuple[int, queue.Queue[tuple[str, Any]]]:
+        q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        return self.send_call(op, payload, q.put), q
+
+    def send_call(self, op: str, payload: Any, sink: Callable[[tuple[str, Any]], None]) -> int:
+        """Send one call whose replies go to ``sink((kind, payload))``, called from the reader thread: ("delta",
+        piece)..., then ("result", payload) or ("error", text); ("died", reason) if the worker dies or is closed
+        first. Returns the call id (for ``cancel``). Raises EngineDiedError when the worker cannot take calls."""
         if self._dead is not None or self._closed or not self._ready:
             state = (f"died earlier ({self._dead})" if self._dead is not None
                      else "is closed" if self._closed else "has not finished starting")
             raise EngineDiedError(f"engine '{self.name}' {state}; its requests cannot run. Its log: {self.log_path}")
-        q: queue.Queue[tuple[str, Any]] = queue.Queue()
         with self._calls_lock:
             call_id = self._next_id
             self._next_id += 1
-            self._calls[call_id] = q
+            self._calls[call_id] = sink
         try:
             with self._send_lock:
                 self._conn.send((op, call_id, payload))
@@ -330,7 +337,14 @@ class WorkerProcess:
             self._forget(call_id)
             self._died(f"could not send to the worker: {exc}")
             raise EngineDiedError(f"engine '{self.name}' died: {self._dead}") from exc
-        return call_id, q
+        return call_id
+
+    def cancel(self, call_id: int, *, abort_op: str = "abort") -> None:
+        """Forget call ``call_id`` (no more replies reach its sink) and ask the worker to abort it."""
+        self._forget(call_id)
+        if self.is_alive():
+            with contextlib.suppress(OSError, ValueError), self._send_lock:
+                self._conn.send((abort_op, call_id, None))
 
     def _forget(self, call_id: int) -> None:
         with self._calls_lock:
@@ -400,9 +414,11 @@ class WorkerProcess:
                 self._died(f"worker failed: {payload}")
                 return
             with self._calls_lock:
-                q = self._calls.get(call_id)
-            if q is not None:
-                q.put((kind, payload))
+                sink = self._calls.get(call_id)
+                if kind in ("result", "error"):  # the call is over: later replies (none are sent) go nowhere
+                    self._calls.pop(call_id, None)
+            if sink is not None:
+                sink((kind, payload))
 
     def _died(self, reason: str) -> None:
         """Record death, fail every call in flight, and kill what is left of the process group."""
@@ -411,8 +427,9 @@ class WorkerProcess:
         self._kill_group()
         with self._calls_lock:
             pending = list(self._calls.values())
-        for q in pending:
-            q.put(("died", self._dead))
+            self._calls.clear()
+        for sink in pending:
+            sink(("died", self._dead))
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
@@ -447,8 +464,9 @@ class WorkerProcess:
             time.sleep(0.05)
         with self._calls_lock:
             pending = list(self._calls.values())
-        for q in pending:
-            q.put(("died", "engine closed"))
+            self._calls.clear()
+        for sink in pending:
+            sink(("died", "engine closed"))
         self._conn.close()
 
     def pids(self) -> list[int]:

@@ -31,13 +31,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moa_local.config.recipe import Role
 from moa_local.engines.base import Request, Usage
 from moa_local.errors import ConversationFailed
-from moa_local.pipeline.moa import Conversation, MoAPipeline, Progress, _State
+from moa_local.pipeline.scheduler import Conversation, Listener, RoleEvent
 from moa_local.pipeline.trace import LayerTrace, Response, Result
 from moa_local.prompts import inject_references
+
+if TYPE_CHECKING:
+    from moa_local.pipeline.moa import MoAPipeline
 
 _END = object()
 
@@ -73,6 +77,15 @@ class _Node:
         return self.role.name or self.role.model
 
 
+@dataclass
+class ChunkedState:
+    """The conversation and what its layers wrote so far."""
+
+    conv: Conversation
+    layers: list[LayerTrace] = field(default_factory=list)
+    error: str | None = None
+
+
 @dataclass(frozen=True)
 class _Plan:
     action: str  # "run", "stop" or "fail"
@@ -85,11 +98,11 @@ class ChunkedAggregation:
     """One conversation through a recipe with chunk-wise aggregation. ``deltas()`` runs it and yields the final
     answer as it is written; ``result()`` is its trace afterwards; ``state`` carries the layers as in full mode."""
 
-    def __init__(self, pipeline: MoAPipeline, conversation: Conversation, *, progress: Progress | None = None) -> None:
+    def __init__(self, pipeline: MoAPipeline, conversation: Conversation, *, listener: Listener | None = None) -> None:
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
-        self.state = _State(conversation)
-        self.progress = progress
+        self.state = ChunkedState(conversation)
+        self.listener = listener
         self.chunk = self.recipe.chunk_tokens
         self.layers: list[list[_Node]] = []
         previous: list[_Node] = []
@@ -108,7 +121,6 @@ class ChunkedAggregation:
         self._cancelled = False
         self._threads: list[threading.Thread] = []
         self._started = time.perf_counter()
-        self.first_token_s: float | None = None
 
     # -- the public side ------------------------------------------------------------------------------------------
 
@@ -129,8 +141,6 @@ class ChunkedAggregation:
                 item = self._out.get()
                 if item is _END:
                     break
-                if self.first_token_s is None:
-                    self.first_token_s = time.perf_counter() - self._started
                 yield item  # type: ignore[misc]
         finally:
             with self._cond:
@@ -139,6 +149,9 @@ class ChunkedAggregation:
             self._record()
         if self.aggregator.error is not None:
             raise ConversationFailed(self.state.error or self.aggregator.error)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.deltas()
 
     def result(self) -> Result:
         """The trace of the run so far (complete once ``deltas()`` is exhausted)."""
@@ -220,10 +233,13 @@ class ChunkedAggregation:
                     self.state.error = plan.reason
                 return False
             node.pending = True
+            first = node.started is None
             node.started = node.started or time.perf_counter()
             node.requests += 1
             node.references = plan.references
             prefix = node.text
+        if first:
+            self._event(node, "start")
         role = node.role
         budget = role.sampling.max_tokens - node.budget_used
         size = budget if plan.final else min(self.chunk, budget)
@@ -249,6 +265,7 @@ class ChunkedAggregation:
                 written += delta
                 if node is self.aggregator:
                     self._out.put(delta)
+                self._event(node, "delta", delta=delta)
                 if self._cancelled or (node.downstream and all(d.terminal for d in node.downstream)):
                     node.stopped = True  # nobody reads this answer any more
                     break
@@ -275,16 +292,13 @@ class ChunkedAggregation:
 
     # -- progress and trace ---------------------------------------------------------------------------------------
 
+    def _event(self, node: _Node, kind: str, *, delta: str = "", response: Response | None = None) -> None:
+        if self.listener is not None:
+            self.listener(RoleEvent(kind, self.state.conv.id, node.layer, node.name, node.role.model,  # type: ignore[arg-type]
+                                    node is self.aggregator, 1, delta=delta, response=response))
+
     def _report(self, node: _Node) -> None:
-        if self.progress is None:
-            return
-        if node is self.aggregator:
-            self.progress("aggregator", 1, 1)
-            return
-        with self._cond:
-            layer = self.layers[node.layer - 1]
-            done = sum(n.terminal for n in layer)
-        self.progress(f"layer {node.layer}/{self.recipe.layers}", done, len(layer))
+        self._event(node, "done", response=self._response(node))
 
     def _response(self, node: _Node) -> Response:
         with self._cond:

@@ -1,184 +1,157 @@
-"""The Mixture-of-Agents pipeline, batch first: a list of conversations goes through the layers together.
+"""The Mixture-of-Agents pipeline: a recipe's conversations through its layers and aggregator, on a Runner.
 
 Layer 1: every proposer answers every conversation. Layer k>1: every proposer answers again with the previous
-layer's answers injected as references. The aggregator writes the final answer from the last layer. Each layer is
-ONE batch of (conversations x proposers) requests handed to the runner, which owns the engines.
+layer's answers injected as references. The aggregator writes the final answer from the last layer. How requests
+reach the engines is the scheduler's business (scheduler.py: flow for resident plans, stage for phased ones);
+this module is the door the API, the eval and the chat use: ``run`` (a batch, results in input order) and
+``stream`` (one conversation, the final answer as it is written).
 
-Failures are never dropped: a failed request is retried `policy.retries` times, then recorded; a conversation
-with fewer than `policy.min_proposers` answers in a layer stops with an error while the rest of the batch goes on.
+Failures are never dropped: a failed request is retried ``policy.retries`` times, then recorded; a conversation
+with fewer than ``policy.min_proposers`` answers in a layer stops with an error while the rest go on.
 This module never imports a backend, the CLI or the server.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
-from moa_local.config.recipe import Recipe, Role
-from moa_local.engines.base import Generation, Request
-from moa_local.errors import ConversationFailed, EngineError
-from moa_local.pipeline.trace import LayerTrace, Response, Result
-from moa_local.prompts import Message, inject_references
+from moa_local.config.recipe import Recipe
+from moa_local.engines.base import Runner
+from moa_local.errors import ConversationFailed, EngineDiedError, EngineError, MoaError, PromptTooLongError
+from moa_local.pipeline.journal import Journal
+from moa_local.pipeline.scheduler import (
+    Conversation,
+    FlowScheduler,
+    Listener,
+    RoleEvent,
+    Schedule,
+    StageScheduler,
+    choose_schedule,
+    default_window,
+    runner_phases,
+)
+from moa_local.pipeline.trace import Result
 
+LayerRunner = Runner
+"""The engines' side of the pipeline (kept as a name: every Runner is one)."""
 
-class LayerRunner(Protocol):
-    """Runs one stage's requests, grouped by model id. Owns the engines (resident, phased, or remote)."""
-
-    def run(self, batches: dict[str, list[Request]]) -> dict[str, list[Generation]]: ...
-
-    def stream(self, model_id: str, request: Request) -> Iterator[str]: ...
-
-
-@dataclass(frozen=True)
-class Conversation:
-    id: str
-    messages: list[Message]
-
-
-# Progress callback: (stage, done, total); stage is "layer 1/2", ..., "aggregator".
-Progress = Callable[[str, int, int], None]
+__all__ = ["Conversation", "LayerRunner", "MoAPipeline", "Streamed", "failure_error"]
 
 
-@dataclass
-class _State:
-    conv: Conversation
-    layers: list[LayerTrace] = field(default_factory=list)
-    error: str | None = None
-    started: float = field(default_factory=time.perf_counter)
+def failure_error(result: Result) -> MoaError:
+    """The moa-local error for a failed Result, by its kind (the server maps these to HTTP statuses)."""
+    message = result.error or "the conversation failed"
+    if result.kind == "too_long":
+        return PromptTooLongError(message)
+    if result.kind == "engine_down":
+        return EngineDiedError(message)
+    if result.kind in ("failed", "invalid", "aborted"):
+        return EngineError(message)
+    return ConversationFailed(message)
 
-    def references(self) -> list[str]:
-        if not self.layers:
-            return []
-        return [r.text for r in self.layers[-1].responses if r.ok and r.text is not None]
+
+class Streamed:
+    """One conversation running: iterate for the final answer's text as it is written; ``result()`` afterwards.
+    Iteration raises the conversation's error (ConversationFailed, EngineError, ...) if it fails."""
+
+    def __init__(self, scheduler: FlowScheduler, conversation: Conversation, listener: Listener | None) -> None:
+        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._result: Result | None = None
+        self._scheduler = scheduler
+        self._conversation = conversation
+        self._listener = listener
+        self._handle = None
+
+    def _on_event(self, event: RoleEvent) -> None:
+        if event.aggregator and event.kind == "delta":
+            self._items.put(event.delta)
+        if self._listener is not None:
+            self._listener(event)
+
+    def __iter__(self) -> Iterator[str]:
+        self._scheduler.start()
+        self._handle = self._scheduler.submit(self._conversation, self._items.put, listener=self._on_event,
+                                              watch="final")  # type: ignore[assignment]
+        finished = False
+        try:
+            while True:
+                item = self._items.get()
+                if isinstance(item, Result):
+                    finished = True
+                    self._result = item
+                    if not item.ok:
+                        raise failure_error(item)
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            if not finished and self._handle is not None:
+                self._handle.cancel()
+            self._scheduler.close()
+
+    def result(self) -> Result:
+        if self._result is None:
+            raise RuntimeError("the conversation has not finished; iterate the stream first")
+        return self._result
 
 
 class MoAPipeline:
-    """Runs a recipe's layers on a LayerRunner."""
+    """Runs a recipe on a Runner. ``schedule``: flow or stage (default: flow when the recipe's models are resident
+    together, else stage); ``window``: conversations in flight (flow; default from the engines' capacity)."""
 
-    def __init__(self, recipe: Recipe, runner: LayerRunner) -> None:
+    def __init__(self, recipe: Recipe, runner: Runner, *, schedule: Schedule | None = None,
+                 window: int | None = None) -> None:
         self.recipe = recipe
         self.runner = runner
+        self.schedule: Schedule = choose_schedule(recipe, runner, schedule)
+        self.window = window or default_window(recipe, runner)
         self.proposers = recipe.proposer_roles()
         self.aggregator = recipe.aggregator_role()
+        self.last_stage: StageScheduler | None = None
+        """The stage scheduler of the last ``run`` under the stage schedule (its ``step_log``)."""
 
-    # -- the public entry points ------------------------------------------------------------------------------
+    def stage_window(self) -> int:
+        """Requests in flight within a stage step: as many as the flow window's conversations would send."""
+        return self.window * max(1, len(self.proposers))
 
-    def run(self, conversations: Sequence[Conversation], *, progress: Progress | None = None) -> list[Result]:
-        """Run every conversation through all layers and the aggregator, as batches."""
-        states = [_State(c) for c in conversations]
-        self.run_layers(states, progress=progress)
-        finals = self._run_roles(
-            [(s, self.aggregator) for s in states if s.error is None], layer=None, progress=progress
-        )
-        results = []
-        for state in states:
-            agg = finals.get(id(state))
-            if state.error is None and agg is not None and not agg.ok:
-                state.error = f"aggregator '{self.aggregator.name}' failed: {agg.error}"
-            results.append(
-                Result(
-                    id=state.conv.id,
-                    output=agg.text if (agg is not None and agg.ok and state.error is None) else None,
-                    error=state.error,
-                    layers=state.layers,
-                    aggregator=agg,
-                    seconds=time.perf_counter() - state.started,
-                )
-            )
-        return results
+    def run(self, conversations: Sequence[Conversation], *, listener: Listener | None = None) -> list[Result]:
+        """Every conversation through all layers and the aggregator; results in the order given (ids may repeat)."""
+        keyed = [Conversation(str(i), c.messages) for i, c in enumerate(conversations)]
+        results: dict[int, Result] = {}
+        relay = None
+        if listener is not None:
+            def relay(event: RoleEvent) -> None:
+                listener(replace(event, conversation=conversations[int(event.conversation)].id))
 
-    def stream(self, conversation: Conversation, *, progress: Progress | None = None) -> tuple[_State, Iterator[str]]:
-        """Run the layers for one conversation, then stream the aggregator's answer as text deltas.
+        def keep(result: Result) -> None:
+            results[int(result.id)] = result
 
-        Raises ConversationFailed when the layers leave too few references."""
-        if self.recipe.aggregation == "chunked":  # every layer streams; the aggregator starts on first chunks
+        if self.schedule == "stage":
+            phase_of, resident, _ = runner_phases(self.runner)
+            stage = StageScheduler(self.recipe, self.runner, window=self.stage_window(), phase_of=phase_of,
+                                   start_phase=resident)
+            self.last_stage = stage
+            journal = Journal(None, shape=stage.shape())
+            try:
+                stage.run(lambda: keyed, keep, journal=journal, listener=relay)
+            finally:
+                journal.close()
+        else:
+            FlowScheduler(self.recipe, self.runner, window=self.window).run(keyed, keep, listener=relay)
+        out = []
+        for i, conversation in enumerate(conversations):
+            result = results[i]
+            result.id = conversation.id
+            out.append(result)
+        return out
+
+    def stream(self, conversation: Conversation, *, listener: Listener | None = None) -> Streamed:
+        """Run one conversation; iterate the returned object for the aggregator's text as it is written.
+        With ``aggregation: chunked`` every layer streams and the aggregator starts on first chunks."""
+        if self.recipe.aggregation == "chunked":
             from moa_local.pipeline.chunked import ChunkedAggregation
 
-            chunked = ChunkedAggregation(self, conversation, progress=progress)
-            return chunked.state, chunked.deltas()
-        state = _State(conversation)
-        self.run_layers([state], progress=progress)
-        if state.error:
-            raise ConversationFailed(state.error)
-        request = self.aggregator_request(state)
-        return state, self.runner.stream(self.aggregator.model, request)
-
-    # -- layers -----------------------------------------------------------------------------------------------
-
-    def run_layers(self, states: list[_State], *, progress: Progress | None = None) -> None:
-        for index in range(1, self.recipe.layers + 1):
-            alive = [s for s in states if s.error is None]
-            if not alive:
-                return
-            answers = self._run_roles([(s, r) for s in alive for r in self.proposers], layer=index, progress=progress)
-            for state in alive:
-                trace = LayerTrace(index=index, responses=[answers[id(state), r.name] for r in self.proposers])
-                state.layers.append(trace)
-                ok = sum(r.ok for r in trace.responses)
-                if ok < self.recipe.policy.min_proposers:
-                    errors = "; ".join(f"{r.role}: {r.error}" for r in trace.responses if not r.ok)
-                    state.error = (
-                        f"layer {index}: only {ok} of {len(trace.responses)} proposers answered "
-                        f"(min_proposers={self.recipe.policy.min_proposers}): {errors}"
-                    )
-
-    def request_for(self, state: _State, role: Role, layer: int | None) -> Request:
-        messages = inject_references(state.conv.messages, state.references(), system_prompt=role.system_prompt)
-        stage = f"L{layer}" if layer is not None else "agg"
-        return Request(messages=messages, sampling=role.sampling, request_id=f"{state.conv.id}/{stage}/{role.name}")
-
-    def aggregator_request(self, state: _State) -> Request:
-        return self.request_for(state, self.aggregator, None)
-
-    def _run_roles(self, pairs: list[tuple[_State, Role]], *, layer: int | None, progress: Progress | None) -> dict:
-        """Run (state, role) pairs as one batch per model, retrying failures; returns Responses keyed by
-        (id(state), role.name) for layers or id(state) for the aggregator."""
-        stage = f"layer {layer}/{self.recipe.layers}" if layer is not None else "aggregator"
-        todo = list(range(len(pairs)))
-        done: dict[int, Response] = {}
-        if progress:
-            progress(stage, 0, len(pairs))
-        for attempt in range(self.recipe.policy.retries + 1):
-            batches: dict[str, list[Request]] = {}
-            owners: dict[str, list[int]] = {}
-            for n in todo:
-                state, role = pairs[n]
-                batches.setdefault(role.model, []).append(self.request_for(state, role, layer))
-                owners.setdefault(role.model, []).append(n)
-            if not batches:
-                break
-            outputs = self._safe_run(batches)
-            for model, gens in outputs.items():
-                for n, gen in zip(owners[model], gens, strict=True):
-                    _, role = pairs[n]
-                    done[n] = Response(
-                        role=role.name or role.model,
-                        model=role.model,
-                        text=gen.text if gen.ok else None,
-                        error=gen.error,
-                        usage=gen.usage,
-                        seconds=gen.seconds,
-                        attempts=attempt + 1,
-                    )
-            todo = [n for n in todo if not done[n].ok]
-            if progress:
-                progress(stage, len(pairs) - len(todo), len(pairs))
-            if not todo:
-                break
-        if layer is None:
-            return {id(pairs[n][0]): r for n, r in done.items()}
-        return {(id(pairs[n][0]), pairs[n][1].name): r for n, r in done.items()}
-
-    def _safe_run(self, batches: dict[str, list[Request]]) -> dict[str, list[Generation]]:
-        """The runner's answers; an engine-level error becomes a failed Generation for each of its requests."""
-        try:
-            outputs = self.runner.run(batches)
-        except EngineError as exc:
-            return {model: [Generation.failed(str(exc)) for _ in reqs] for model, reqs in batches.items()}
-        for model, reqs in batches.items():
-            gens = outputs.get(model)
-            if gens is None or len(gens) != len(reqs):
-                outputs[model] = [Generation.failed(f"engine '{model}' returned no answer") for _ in reqs]
-        return outputs
+            return ChunkedAggregation(self, conversation, listener=listener)  # type: ignore[return-value]
+        scheduler = FlowScheduler(self.recipe, self.runner, window=1)
+        return Streamed(scheduler, conversation, listener)

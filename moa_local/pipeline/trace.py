@@ -20,13 +20,15 @@ class Response:
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
     attempts: int = 1
+    kind: str | None = None
+    """Why it failed (an engines.base.ErrorKind), None when it did not."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "role": self.role,
             "model": self.model,
             "text": self.text,
@@ -35,6 +37,9 @@ class Response:
             "seconds": round(self.seconds, 4),
             "attempts": self.attempts,
         }
+        if self.kind is not None:
+            out["kind"] = self.kind
+        return out
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Result:
     layers: list[LayerTrace] = field(default_factory=list)
     aggregator: Response | None = None
     seconds: float = 0.0
+    kind: str | None = None
+    """Why it failed: the failing request's error kind (too_long, engine_down, ...), "too_few" when too few
+    proposers answered a layer, "aborted" when it was cancelled; None when it did not fail."""
 
     @property
     def ok(self) -> bool:

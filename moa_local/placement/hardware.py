@@ -84,6 +84,12 @@ _UNITS: dict[str, int] = {
     "tib": 1024**4,
 }
 
+MAX_GPUS_PER_NODE = 64
+"""The most GPUs one node may have in a --gpus / --nodes description."""
+
+MAX_NODES = 1024
+"""The most nodes a --nodes description may have."""
+
 GPUS_FORMS = (
     "'8xH100-80GB', 'H100', '2x24GiB', '1xH100-80GB,2xRTX4090-24GB' or 'none' "
     f"(cards: {', '.join(CARD_CATALOG_MIB)})"
@@ -196,8 +202,9 @@ def _parse_gpu_item(item: str, *, whole: str) -> list[GpuSpec]:
         raise InputError(f"cannot read --gpus '{whole}'. Accepted forms: {GPUS_FORMS}")
     count = int(m.group(1)) if m.group(1) else 1
     what = m.group(2)
-    if count < 1:
-        raise InputError(f"--gpus '{whole}': the GPU count must be at least 1. Accepted forms: {GPUS_FORMS}")
+    if count < 1 or count > MAX_GPUS_PER_NODE:
+        raise InputError(f"--gpus '{whole}': the GPU count must be 1 to {MAX_GPUS_PER_NODE} per node. Accepted "
+                         f"forms: {GPUS_FORMS}")
     if re.fullmatch(r"[0-9]*\.?[0-9]+\s*[a-zA-Z]*", what) and not re.fullmatch(r"\d+", what):
         try:
             memory = parse_memory(what)
@@ -227,8 +234,8 @@ def parse_nodes(text: str) -> list[NodeSpec]:
     nodes: list[NodeSpec] = []
     for item in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+\s*[xX*]\s*.+?)\s*", item)
-        if not m or int(m.group(1)) < 1:
-            raise InputError(f"cannot read --nodes '{text}'. Accepted forms: {NODES_FORMS}")
+        if not m or not 1 <= int(m.group(1)) <= MAX_NODES:
+            raise InputError(f"cannot read --nodes '{text}' (1 to {MAX_NODES} nodes). Accepted forms: {NODES_FORMS}")
         gpus = _parse_gpu_item(m.group(2), whole=text)
         nodes.extend(NodeSpec(gpus=list(gpus)) for _ in range(int(m.group(1))))
     return nodes

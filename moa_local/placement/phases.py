@@ -1,26 +1,27 @@
-"""The phased executor: runs the pipeline under a Plan whose engines do not all fit at once.
+"""The engines of a plan, started and swapped as it says: the one Runner every local run uses.
 
 Owns three things:
-  ``start_runner(recipe, plan, backend=...)`` — the resident EnginePool for a one-phase plan, else a PhasedRunner.
+  ``start_runner(recipe, plan, backend=...)`` — the one door to local engines: a PhasedRunner with the plan's
+  per-engine options (``api.load``, ``eval``, ``serve`` and ``chat`` all come through it).
   ``planned_options(recipe, plan)`` — each engine's EngineOptions: the recipe's, updated with what the plan decided
-  (max_model_len, tensor_parallel_size, gpu_memory_utilization, cpu_threads, cpu_kvcache_gib) wherever the recipe
-  did not set the value itself. Used for resident pools too, so the plan's decisions always reach the engines.
-  ``PhasedRunner`` — a LayerRunner (``run``, ``stream``, ``health``, ``close``). A layer's per-model batches are
-  grouped by the plan's phases; the phase already resident runs first, then the runner swaps to the next one and
-  runs its whole share, and so on. A batch job therefore sends every conversation through one phase's models before
-  the engines swap: each model loads at most once per layer (never once per prompt), and the last phase of a layer
-  is the first of the next. Swapping: an engine the plan puts to sleep (``sleep1``/``sleep2``, GPU only) is sent
-  ``sleep(level)`` and later ``wake_up()`` when it has those methods; every other engine is closed and started
-  again (CPU: vLLM sleep mode is CUDA-only). The leaving phase is out before the next one starts, so a memory budget
-  that holds one phase is enough. An engine that fails to start fails its own requests (recorded errors; the
-  pipeline's failure policy decides), never the whole batch. ``stats`` counts starts, closes, sleeps, wakes, swaps
-  and swap seconds (scripts/bench_phases.py reports them).
+  (max_model_len, tensor_parallel_size, gpu_memory_utilization, cpu_threads, cpu_kvcache_gib, sleep mode) wherever
+  the recipe did not set the value itself, so the plan alone decides cores, GPUs and sleep mode.
+  ``PhasedRunner`` — a Runner (``submit``, ``health``, ``close``). A request for a model of the resident phase goes
+  to its engine at once. A request for another phase waits; once nothing is in flight on the resident phase, a
+  switcher thread swaps to the phase of the oldest waiting request and releases every request waiting for it (and
+  while some request waits, new ones for the resident phase wait too, so no phase starves). The stage scheduler
+  (pipeline/scheduler.py) submits one step of ``plan.schedule`` for the whole job at a time, so a job swaps once per
+  phase change of the schedule whatever its size. Swapping: an engine the plan puts to sleep (``sleep1``/``sleep2``,
+  GPU only) is sent ``sleep(level)`` and later ``wake_up()``; every other engine is closed and started again (CPU:
+  vLLM sleep mode is CUDA-only). The leaving phase is out before the next one starts, so a memory budget that holds
+  one phase is enough. An engine that fails to start fails its own requests (kind "engine_down"; the pipeline's
+  failure policy decides), never the whole job. ``stats`` counts starts, closes, sleeps, wakes, swaps and swap
+  seconds; ``usage()`` each engine's requests, tokens and busy seconds.
 
-With the whole plan in one phase it is the resident EnginePool: every engine starts in ``__init__`` (a start failure
-raises, as the pool's does), batches run in parallel through ``EnginePool.run``, nothing ever swaps.
+With the whole plan in one phase nothing ever swaps: every engine starts in ``__init__`` (a start failure raises).
 
 Never plans (planner.py does), never imports a backend (the factory builds engines), never knows about layers or
-references: it sees only per-model batches, like every LayerRunner.
+references.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from moa_local.config.recipe import EngineOptions, Recipe
-from moa_local.engines.base import Engine, Generation, Request
-from moa_local.engines.pool import EnginePool
-from moa_local.errors import EngineDiedError, EngineError, EngineStartError, MoaError, PlacementError
+from moa_local.engines.base import DONE_TICKET, Engine, Generation, OnDelta, OnDone, Request, Runner, Ticket
+from moa_local.engines.pool import EnginePool, close_engines
+from moa_local.errors import EngineDiedError, EngineStartError, MoaError, PlacementError
 from moa_local.placement.plan import EnginePlacement, Plan
 
 EngineFactory = Callable[[str, EngineOptions], Engine]
@@ -80,14 +81,9 @@ def _decisions(engine: EnginePlacement) -> dict[str, Any]:
     return decided
 
 
-def start_runner(
-    recipe: Recipe, plan: Plan, *, backend: str, log: Callable[[str], None] | None = None
-) -> EnginePool | PhasedRunner:
-    """Start ``recipe``'s engines as ``plan`` says: the resident EnginePool for one phase, else the PhasedRunner;
-    either way with the plan's per-engine options. The fake backend keeps the recipe's options."""
-    if len(plan.phases) > 1:
-        return PhasedRunner.for_plan(recipe, plan, backend=backend, log=log)
-    return EnginePool.for_recipe(recipe, backend=backend, log=log, options=planned_options(recipe, plan))
+def start_runner(recipe: Recipe, plan: Plan, *, backend: str, log: Callable[[str], None] | None = None) -> PhasedRunner:
+    """Start ``recipe``'s engines as ``plan`` says (the first phase now), with the plan's per-engine options."""
+    return PhasedRunner.for_plan(recipe, plan, backend=backend, log=log)
 
 
 # -- what happened -----------------------------------------------------------------------------------------------
@@ -126,9 +122,24 @@ class PhaseStats:
 # -- the runner ----------------------------------------------------------------------------------------------------
 
 
-class PhasedRunner:
-    """Runs per-model batches phase by phase under ``plan``. ``factory(model_id, options)`` starts one engine;
-    ``options`` are the per-model EngineOptions (``planned_options(recipe, plan)`` for real engines)."""
+@dataclass(eq=False)
+class _Waiting:
+    """A request for a phase that is not resident yet."""
+
+    phase: int
+    model_id: str
+    request: Request
+    on_done: OnDone
+    on_delta: OnDelta | None
+    ticket: Ticket | None = None  # the engine's, once released
+    cancelled: bool = False
+
+
+class PhasedRunner(Runner):
+    """Runs requests phase by phase under ``plan``. ``factory(model_id, options)`` starts one engine; ``options`` are
+    the per-model EngineOptions (``planned_options(recipe, plan)`` for real engines); ``parallel``: a phase's engines
+    may start at once (CPU engines on disjoint cores; GPU engines start one after another, since each profiles the
+    free memory of its GPUs)."""
 
     def __init__(
         self,
@@ -137,22 +148,26 @@ class PhasedRunner:
         factory: EngineFactory,
         options: Mapping[str, EngineOptions],
         log: Callable[[str], None] | None = None,
+        parallel: bool = False,
     ) -> None:
         self.plan = plan
         self.options = dict(options)
         self.stats = PhaseStats()
         self._factory = factory
+        self._parallel = parallel
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         self._phase_of = {e.id: e.phase for e in plan.models}
         self._swap_of = {e.id: e.swap for e in plan.models}
         self._pool = EnginePool([], factory=self._start, log=self._log)
         self._asleep: dict[str, Engine] = {}
+        self._failed: dict[str, str] = {}
+        """Model id -> why its engine could not start in the resident phase (its requests fail with it)."""
         self._resident: int | None = None
-        self._lock = threading.RLock()
-        self._idle = threading.Condition(self._lock)
-        self._streams: Counter[int] = Counter()
-        """Open streams per thread id: a swap waits until none is open."""
+        self._in_flight = 0
+        self._waiting: deque[_Waiting] = deque()
+        self._cond = threading.Condition()
         self._closed = False
+        self._switcher: threading.Thread | None = None
         # 1. the first scheduled phase starts now, as a resident pool would: a failure here raises
         first = plan.schedule[0].phase if plan.schedule else 0
         began = time.perf_counter()
@@ -165,6 +180,9 @@ class PhasedRunner:
             self.close()
             raise EngineStartError("; ".join(failed.values()))
         self.stats.load_s = time.perf_counter() - began
+        if len(plan.phases) > 1:
+            self._switcher = threading.Thread(target=self._switch_loop, name="moa-phases", daemon=True)
+            self._switcher.start()
 
     @classmethod
     def for_plan(
@@ -184,9 +202,12 @@ class PhasedRunner:
         def factory(model_id: str, options: EngineOptions) -> Engine:
             return create_engine(load_model_config(model_id), options=options, backend=backend)
 
-        return cls(plan, factory=factory, options=planned_options(recipe, plan), log=log)
+        # vLLM-CPU engines load in their own processes on disjoint cores: at once. GPU engines profile the free
+        # memory of their GPUs at start-up, and in-process backends import and load in this process: one by one.
+        return cls(plan, factory=factory, options=planned_options(recipe, plan), log=log,
+                   parallel=backend == "vllm" and plan.device == "cpu")
 
-    # -- LayerRunner --------------------------------------------------------------------------------------------
+    # -- Runner -------------------------------------------------------------------------------------------------
 
     @property
     def resident_phase(self) -> int | None:
@@ -197,112 +218,140 @@ class PhasedRunner:
         """The engines resident now."""
         return dict(self._pool.engines)
 
-    def run(self, batches: dict[str, list[Request]]) -> dict[str, list[Generation]]:
-        """Every model's batch, phase by phase: the resident phase first, then the nearest others."""
-        out: dict[str, list[Generation]] = {}
-        by_phase: dict[int, dict[str, list[Request]]] = {}
-        for model_id, requests in batches.items():
-            phase = self._phase_of.get(model_id)
-            if phase is None:
-                known = ", ".join(self._phase_of)
-                out[model_id] = [Generation.failed(f"no engine for model '{model_id}'; planned: {known}")
-                                 for _ in requests]
-            else:
-                by_phase.setdefault(phase, {})[model_id] = requests
-        with self._lock:
-            for phase in self.phase_order(by_phase):
-                share = by_phase[phase]
-                failed = self._switch_to(phase)
-                for model_id, error in failed.items():
-                    if model_id in share:
-                        out[model_id] = [Generation.failed(error) for _ in share.pop(model_id)]
-                if share:
-                    self._note_run(phase)
-                    out.update(self._pool.run(share))
-        return {m: out[m] for m in batches}
+    def model_ids(self) -> list[str]:
+        return list(self._phase_of)
 
-    def stream(self, model_id: str, request: Request) -> Iterator[str]:
-        """Bring the model's phase in (now), then stream from its engine. Swaps wait until open streams end."""
+    def submit(self, model_id: str, request: Request, *, on_done: OnDone, on_delta: OnDelta | None = None) -> Ticket:
         phase = self._phase_of.get(model_id)
         if phase is None:
-            raise EngineError(f"no engine for model '{model_id}'; planned: {', '.join(self._phase_of)}")
-        with self._lock:
-            failed = self._switch_to(phase)
-            if model_id in failed:
-                raise EngineStartError(failed[model_id])
-            self._note_run(phase)
-            deltas = self._pool.stream(model_id, request)
-            owner = threading.get_ident()
-            self._streams[owner] += 1
-        return self._release_after(deltas, owner)
+            on_done(Generation.failed(f"no engine for model '{model_id}'; planned: {', '.join(self._phase_of)}",
+                                      kind="engine_down"))
+            return DONE_TICKET
+        with self._cond:
+            error: str | None
+            if self._closed:
+                error = "the engines are closed"
+            elif phase == self._resident and not self._waiting:
+                error = self._failed.get(model_id)
+                if error is None:
+                    return self._forward(model_id, request, on_done, on_delta)
+            else:
+                waiting = _Waiting(phase, model_id, request, on_done, on_delta)
+                self._waiting.append(waiting)
+                self._cond.notify_all()
+                return Ticket(lambda: self._cancel_waiting(waiting))
+        on_done(Generation.failed(error, kind="engine_down"))
+        return DONE_TICKET
+
+    def _forward(self, model_id: str, request: Request, on_done: OnDone, on_delta: OnDelta | None) -> Ticket:
+        """Send to the resident engine (called with the lock held)."""
+        self._in_flight += 1
+        if self._resident is not None:
+            self._note_run(self._resident)
+
+        def done(gen: Generation) -> None:
+            with self._cond:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._cond.notify_all()
+            on_done(gen)
+
+        return self._pool.submit(model_id, request, on_done=done, on_delta=on_delta)
+
+    def _cancel_waiting(self, waiting: _Waiting) -> None:
+        with self._cond:
+            if waiting.ticket is None:
+                waiting.cancelled = True
+                if waiting in self._waiting:
+                    self._waiting.remove(waiting)
+                    self._cond.notify_all()
+                ticket = None
+            else:
+                ticket = waiting.ticket
+        if ticket is not None:
+            ticket.cancel()
+        elif waiting.cancelled:
+            waiting.on_done(Generation.failed("request aborted", kind="aborted"))
 
     def health(self) -> dict[str, bool]:
-        """Resident engines: alive or not; sleeping engines: alive; engines of other phases are not loaded, which
-        is expected (True)."""
-        with self._lock:
+        """Resident engines: alive or not (False when it could not start); sleeping engines: alive; engines of
+        other phases are not loaded, which is expected (True)."""
+        with self._cond:
             status = dict.fromkeys(self._phase_of, True)
             status.update(self._pool.health())
             status.update({m: e.is_alive() for m, e in self._asleep.items()})
+            status.update(dict.fromkeys(self._failed, False))
             return status
 
+    def usage(self) -> dict[str, dict[str, float | int]]:
+        """Per model: requests, tokens and busy seconds so far (every engine it had)."""
+        return self._pool.usage()
+
     def close(self) -> None:
-        """Close every engine, resident or asleep. Idempotent."""
-        with self._lock:
+        """Close every engine, resident or asleep, and fail what still waits. Idempotent."""
+        with self._cond:
             self._closed = True
-            errors: list[str] = []
-            for model_id, engine in [*reversed(list(self._pool.engines.items())), *self._asleep.items()]:
-                try:
-                    engine.close()
-                    self.stats.closes[model_id] += 1
-                except Exception as exc:  # close the others anyway; report below
-                    errors.append(f"{model_id}: {exc}")
-            self._pool.engines.clear()
-            self._asleep.clear()
-            self._resident = None
-            if errors:
-                raise EngineDiedError("errors while closing engines: " + "; ".join(errors))
-
-    def __enter__(self) -> PhasedRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for w in waiting:
+            w.on_done(Generation.failed("the engines were closed before this request ran", kind="engine_down"))
+        if self._switcher is not None and self._switcher is not threading.current_thread():
+            self._switcher.join(5.0)
+        engines = [*reversed(list(self._pool.engines.items())), *self._asleep.items()]
+        errors = close_engines(engines, on_closed=lambda m: self.stats.closes.update([m]))
+        self._pool.engines.clear()
+        self._asleep.clear()
+        self._resident = None
+        if errors:
+            raise EngineDiedError("errors while closing engines: " + "; ".join(errors))
 
     # -- phases -------------------------------------------------------------------------------------------------
 
-    def phase_order(self, phases: Mapping[int, object]) -> list[int]:
-        """The phases to visit for one call: the resident one first, then by distance from it in the plan's phase
-        order (so layers snake 0→1→2, 2→1→0, and the last phase of a layer is the first of the next); with none
-        resident, from the first scheduled phase."""
-        start = self._resident
-        if start is None:
-            start = self.plan.schedule[0].phase if self.plan.schedule else 0
-        return sorted(phases, key=lambda p: (abs(p - start), p))
+    def _switch_loop(self) -> None:
+        """Swap when requests wait for another phase and nothing is in flight; then release them."""
+        while True:
+            with self._cond:
+                while not self._closed and not (self._waiting and self._in_flight == 0):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                phase = self._waiting[0].phase
+            try:
+                if phase != self._resident:
+                    self._switch_to(phase)
+            except Exception as exc:  # a swap that breaks fails the requests that waited for it
+                self._log(f"could not swap to phase {phase}: {exc}")
+                self._failed = dict.fromkeys(self.plan.phase_models(phase), f"swap to phase {phase} failed: {exc}")
+                self._resident = phase
+            failures: list[tuple[_Waiting, str]] = []
+            with self._cond:
+                keep: deque[_Waiting] = deque()
+                for w in self._waiting:
+                    if w.phase != phase:
+                        keep.append(w)
+                    elif w.model_id in self._failed:
+                        failures.append((w, self._failed[w.model_id]))
+                    else:
+                        w.ticket = self._forward(w.model_id, w.request, w.on_done, w.on_delta)
+                self._waiting = keep
+                if self._waiting:
+                    self._cond.notify_all()
+            for w, error in failures:
+                w.on_done(Generation.failed(error, kind="engine_down"))
 
-    def _switch_to(self, phase: int) -> dict[str, str]:
-        """Make ``phase`` resident. Returns {model id: error} for its engines that could not start."""
+    def _switch_to(self, phase: int) -> None:
+        """Make ``phase`` resident (called with nothing in flight)."""
         if self._closed:
             raise EngineDiedError("the phased runner is closed")
-        if self._resident == phase:
-            missing = [m for m in self.plan.phase_models(phase) if m not in self._pool.engines]
-            return self._bring_in(phase, only=missing) if missing else {}
-        if self._streams[threading.get_ident()]:
-            raise EngineError(
-                f"cannot swap to phase {phase} while this thread still reads a stream from phase {self._resident}; "
-                "finish or close the stream first"
-            )
-        while +self._streams:  # another thread still reads a stream from the resident phase
-            self._idle.wait()
         began = time.perf_counter()
         leaving = self._resident
         if leaving is not None:
             self._log(f"phase {leaving} → {phase}: swapping engines out ...")
             self._take_out()
-        failed = self._bring_in(phase)
+        self._bring_in(phase)
         if leaving is not None:
             self.stats.swaps += 1
             self.stats.swap_s += time.perf_counter() - began
-        return failed
 
     def _take_out(self) -> None:
         """Sleep or close every resident engine (sleep: the plan says sleep1/sleep2 and the engine can)."""
@@ -330,33 +379,48 @@ class PhasedRunner:
         if errors:
             self._log("while swapping out: " + "; ".join(errors))
 
-    def _bring_in(self, phase: int, *, only: list[str] | None = None) -> dict[str, str]:
-        """Wake or start the engines of ``phase`` one after another (co-located vLLM engines profile memory at
-        start and must not overlap). Returns {model id: error} for those that failed."""
-        self._resident = phase
-        failed: dict[str, str] = {}
-        for model_id in only if only is not None else self.plan.phase_models(phase):
+    def _bring_in(self, phase: int) -> dict[str, str]:
+        """Wake or start the engines of ``phase`` (at once when ``parallel``, else one after another). Returns
+        {model id: error} for those that failed; their requests fail until the next swap."""
+        self._failed = {}
+        models = self.plan.phase_models(phase)
+        errors: dict[str, Exception] = {}
+        asleep = [m for m in models if m in self._asleep]
+        for model_id in asleep:
             try:
-                self._pool.engines[model_id] = self._wake_or_start(model_id)
+                self._pool.engines[model_id] = self._wake(model_id)
             except MoaError as exc:
-                message = f"engine for '{model_id}' (phase {phase}) could not start: {exc}"
-                failed[model_id] = message
-                self.stats.start_errors.append(message)
-                self._log(message)
-        return failed
+                errors[model_id] = exc
+        cold = [m for m in models if m not in self._pool.engines and m not in errors]
+        if self._parallel and len(cold) > 1:
+            errors.update(self._pool.start_parallel(cold, self._start))
+        else:
+            for model_id in cold:
+                try:
+                    self._pool.add(model_id, self._start(model_id))
+                except MoaError as exc:
+                    errors[model_id] = exc
+        for model_id, failure in errors.items():
+            message = f"engine for '{model_id}' (phase {phase}) could not start: {failure}"
+            self._failed[model_id] = message
+            self.stats.start_errors.append(message)
+            self._log(message)
+        self._resident = phase
+        return dict(self._failed)
 
-    def _wake_or_start(self, model_id: str) -> Engine:
-        engine = self._asleep.pop(model_id, None)
-        if engine is not None:
-            try:
-                engine.wake_up()  # type: ignore[attr-defined]
-                self.stats.wakes[model_id] += 1
-                return engine
-            except Exception as exc:  # a sleeper that will not wake is replaced by a fresh engine
-                self._log(f"engine for '{model_id}' did not wake ({exc}); starting it again")
-                engine.close()
-                self.stats.closes[model_id] += 1
-        return self._start(model_id)
+    def _wake(self, model_id: str) -> Engine:
+        engine = self._asleep.pop(model_id)
+        try:
+            engine.wake_up()  # type: ignore[attr-defined]
+            self.stats.wakes[model_id] += 1
+            return engine
+        except Exception as exc:  # a sleeper that will not wake is replaced by a fresh engine
+            self._log(f"engine for '{model_id}' did not wake ({exc}); starting it again")
+            engine.close()
+            self.stats.closes[model_id] += 1
+        engine = self._start(model_id)
+        self._pool.starts[model_id] = self._pool.starts.get(model_id, 0) + 1
+        return engine
 
     def _start(self, model_id: str) -> Engine:
         self._log(f"starting engine for {model_id} (phase {self._phase_of[model_id]}) ...")
@@ -372,11 +436,3 @@ class PhasedRunner:
     def _note_run(self, phase: int) -> None:
         if not self.stats.phases_run or self.stats.phases_run[-1] != phase:
             self.stats.phases_run.append(phase)
-
-    def _release_after(self, deltas: Iterator[str], owner: int) -> Iterator[str]:
-        try:
-            yield from deltas
-        finally:
-            with self._lock:
-                self._streams[owner] -= 1
-                self._idle.notify_all()

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import Recipe
 from moa_local.config.registry import load_model_config
+from moa_local.engines.cpu import parse_cores, split_cores
 from moa_local.errors import PlacementError
 from moa_local.placement.hardware import Hardware
 from moa_local.placement.memory import GIB, CpuEstimate, estimate_cpu
@@ -238,20 +239,17 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
     )
 
 
-def _core_split(ids: list[int], parts: int) -> list[str]:
-    """'0-3', '4-7' ... : contiguous chunks of the core ids, one per engine (engines share when cores are few)."""
-
-    def fmt(chunk: list[int]) -> str:
-        if len(chunk) > 1 and chunk == list(range(chunk[0], chunk[-1] + 1)):
-            return f"{chunk[0]}-{chunk[-1]}"
-        return ",".join(str(c) for c in chunk)
-
-    if parts == 0:
-        return []
-    if parts <= len(ids):
-        bounds = [i * len(ids) // parts for i in range(parts + 1)]
-        return [fmt(ids[bounds[i] : bounds[i + 1]]) for i in range(parts)]
-    return [str(ids[i % len(ids)]) for i in range(parts)]
+def _core_split(core_ids: list[int], auto: list[str], explicit: list[str]) -> dict[str, str]:
+    """Core bindings for the engines of one phase that have none: disjoint shares of the cores the explicit
+    bindings leave free (all cores when they claim every one)."""
+    claimed: set[int] = set()
+    for binding in explicit:
+        try:
+            claimed |= parse_cores(binding)
+        except ValueError:
+            continue  # a bad binding is reported by the engine's own option check
+    free = [c for c in core_ids if c not in claimed] or core_ids
+    return dict(zip(auto, split_cores(len(auto), free), strict=True))
 
 
 def _plan_cpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig], *, backend: str) -> Plan:
@@ -315,7 +313,8 @@ def _plan_cpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
     loads: list[float] = []
     for p, models in enumerate(phase_models):
         auto = [m for m in models if recipe.engine_options(m).cpu_threads is None]
-        binding = dict(zip(auto, _core_split(hardware.core_ids(), len(auto)), strict=True))
+        explicit = [str(recipe.engine_options(m).cpu_threads) for m in models if m not in auto]
+        binding = _core_split(hardware.core_ids(), auto, explicit)
         for model_id in models:
             est, options = estimates[model_id], recipe.engine_options(model_id)
             arch = configs[model_id].architecture

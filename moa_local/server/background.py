@@ -3,18 +3,45 @@ a free loopback port (tests, benchmarks). Knows nothing about routes or engines.
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 import time
 from typing import Any
 
-from moa_local.errors import EngineStartError
+from moa_local.errors import EngineStartError, InputError
+from moa_local.server.limits import server_limits
 
 
-def serve_forever(app: Any, *, host: str, port: int) -> None:
-    """Serve until Ctrl-C / SIGTERM (uvicorn's handlers), then return so the caller can close the engines."""
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port``, bound now (before any engine loads), so a port in use is an
+    InputError in a second, not after minutes of loading."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host} is not an address this machine has ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise InputError(f"port {port} on {host} {why}; choose another with --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_forever(app: Any, *, sock: socket.socket) -> None:
+    """Serve on ``sock`` until Ctrl-C / SIGTERM (uvicorn's handlers), then return so the caller can close the
+    engines."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3, **server_limits())
+    uvicorn.Server(config).run(sockets=[sock])
+
 
 
 class BackgroundServer:
@@ -24,7 +51,8 @@ class BackgroundServer:
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 20.0) -> None:
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                                     **server_limits()))
         self._thread = threading.Thread(target=self._server.run, name="moa-uvicorn", daemon=True)
         self._host = host
         self._timeout = start_timeout_s

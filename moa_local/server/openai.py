@@ -8,7 +8,9 @@ Every failure is ``{"error": {"message", "type", "code"}}`` with its status: 400
 401 a missing or wrong key, 404 an unknown model or route, 400 ``context_length_exceeded``, 413 a huge body,
 429 a full queue, 503 an engine down, 500 a generation that failed. A request is checked completely before it is
 queued, so a malformed one never reaches the engines or other requests.
-Owns: HTTP and the wire format. Never touches engines or layers: jobs go to the Gatherer, events come back.
+With ``"moa_events": true`` (and ``stream``), the SSE stream also carries every role's events as data lines whose
+JSON has ``"object": "moa.event"`` (docs/server.md): plain OpenAI clients never ask for them and see no difference.
+Owns: HTTP and the wire format. Never touches engines or layers: jobs go to the Dispatcher, events come back.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from moa_local.api import MoA, validate_messages
+from moa_local.api import MoA, check_text, validate_messages
 from moa_local.config.registry import format_validation_error
 from moa_local.errors import (
     ConversationFailed,
@@ -42,7 +44,9 @@ from moa_local.errors import (
     PromptTooLongError,
     ServerBusy,
 )
-from moa_local.server.gather import Answer, Event, Gatherer, Job, Overrides
+from moa_local.pipeline import RoleEvent
+from moa_local.server.dispatch import Answer, Dispatcher, Event, Job, Overrides
+from moa_local.server.limits import BODY_TIMEOUT_S
 from moa_local.server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -53,6 +57,9 @@ from moa_local.server.schemas import (
     ModelList,
 )
 from moa_local.server.settings import ServerSettings
+
+RETRY_AFTER_S = 2
+"""Seconds a client told 429 (busy) should wait before trying again."""
 
 
 class ApiError(Exception):
@@ -65,7 +72,8 @@ class ApiError(Exception):
         self.body = ErrorBody(error=ErrorDetail(message=message, type=type, code=code, param=param))
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else \
+            {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else None
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=headers)
 
 
@@ -86,10 +94,10 @@ def api_error(exc: MoaError) -> ApiError:
 
 
 def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI app serving ``moa`` (already loaded). The app owns a Gatherer; closing the app (lifespan end) stops
-    it. The MoA's engines stay the caller's to close."""
+    """The ASGI app serving ``moa`` (already loaded). The app owns a Dispatcher; closing the app (lifespan end)
+    stops it. The MoA's engines stay the caller's to close."""
     settings = settings or ServerSettings()
-    gatherer = Gatherer(moa, window_s=settings.gather_ms / 1000, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    gatherer = Dispatcher(moa, window=settings.window, max_queue=settings.max_queue)
     recipe = moa.recipe
     created = int(time.time())
 
@@ -137,7 +145,7 @@ def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
         ok = all(engines.values())
         body = {"status": "ok" if ok else "degraded", "recipe": recipe.name, "backend": moa.backend,
                 "aggregation": recipe.aggregation, "engines": engines, "queue_depth": queued, "running": running,
-                "batches": gatherer.batches}
+                "window": gatherer.window}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
@@ -171,7 +179,7 @@ def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
         job = Job(target=req.model, messages=messages, sink=sink, overrides=overrides, stream=req.stream,
-                  want_trace=req.moa_trace)
+                  want_trace=req.moa_trace, events=req.stream and req.moa_events)
         try:
             gatherer.submit(job)
         except MoaError as exc:
@@ -180,19 +188,24 @@ def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
         if not req.stream:
             try:
                 item = await events.get()
-                while isinstance(item, str):
+                while isinstance(item, (str, RoleEvent)):
                     item = await events.get()
             except asyncio.CancelledError:
-                job.cancelled.set()
+                job.cancel()
                 raise
             if isinstance(item, MoaError):
                 raise api_error(item)
             return JSONResponse(_completion(reply_id, req.model, item).model_dump(exclude_none=True))
-        first = await events.get()
+        try:
+            first = await events.get()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
         if isinstance(first, MoaError):  # failed before any text: a proper status instead of a broken stream
             raise api_error(first)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _sse(reply_id, req.model, first, events, job, include_usage=include_usage)
+        plan = _plan_event(recipe) if job.events and req.model == recipe.name else None
+        body = _sse(reply_id, req.model, first, events, job, include_usage=include_usage, plan=plan)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -200,16 +213,43 @@ def create_app(moa: MoA, *, settings: ServerSettings | None = None) -> FastAPI:
 
 
 async def _read_body(request: Request, limit: int) -> Any:
+    """The body as JSON: refused with 413 as soon as it passes ``limit`` bytes (whatever Content-Length says),
+    408 when it takes longer than BODY_TIMEOUT_S, 400 when it is not JSON, nests too deep, or holds text that is
+    not valid Unicode (a lone surrogate)."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
     try:
-        return json.loads(raw)
+        await asyncio.wait_for(read(), timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                       code="request_timeout") from None
+    try:
+        body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    try:
+        check_text(body, "the request body")
+    except InputError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    return body
 
 
 def _parse(body: Any) -> ChatCompletionRequest:
@@ -217,6 +257,8 @@ def _parse(body: Any) -> ChatCompletionRequest:
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         return ChatCompletionRequest.model_validate(body)
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]["loc"] if exc.errors() else ()
         raise ApiError(400, f"invalid request: {format_validation_error(exc)}", code="invalid_value",
@@ -250,14 +292,41 @@ def _chunk(reply_id: str, model: str, delta: dict[str, str], *, finish: str | No
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def _plan_event(recipe: Any) -> dict[str, Any]:
+    return {"object": "moa.event", "type": "plan", "layers": recipe.layers,
+            "proposers": [{"role": r.name, "model": r.model} for r in recipe.proposer_roles()],
+            "aggregator": {"role": recipe.aggregator_role().name, "model": recipe.aggregator.model}}
+
+
+def role_event(event: RoleEvent) -> dict[str, Any]:
+    """A RoleEvent as its ``moa.event`` JSON (docs/server.md)."""
+    body: dict[str, Any] = {"object": "moa.event", "type": f"role.{event.kind}", "layer": event.layer,
+                            "role": event.role, "model": event.model}
+    if event.aggregator:
+        body["aggregator"] = True
+    if event.kind == "start":
+        body["attempt"] = event.attempt
+    elif event.kind == "delta":
+        body["delta"] = event.delta
+    elif event.response is not None:
+        r = event.response
+        body.update(usage=r.usage.to_dict(), seconds=round(r.seconds, 3), error=r.error, attempts=r.attempts)
+    return body
+
+
 async def _sse(reply_id: str, model: str, first: Event, events: asyncio.Queue[Event], job: Job, *,
-               include_usage: bool) -> AsyncIterator[str]:
-    """The chat.completion.chunk stream: a role chunk, content chunks, a finish chunk, [usage], then [DONE]."""
+               include_usage: bool, plan: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    """The chat.completion.chunk stream: a role chunk, content chunks, a finish chunk, [usage], then [DONE];
+    with moa_events, a plan event first and role events in between."""
     try:
         yield _chunk(reply_id, model, {"role": "assistant", "content": ""})
+        if plan is not None:
+            yield f"data: {json.dumps(plan, ensure_ascii=False)}\n\n"
         item = first
         while True:
-            if isinstance(item, str):
+            if isinstance(item, RoleEvent):
+                yield f"data: {json.dumps(role_event(item), ensure_ascii=False)}\n\n"
+            elif isinstance(item, str):
                 yield _chunk(reply_id, model, {"content": item})
             elif isinstance(item, Answer):
                 extra = {"moa_trace": item.trace} if item.trace is not None else {}
@@ -274,4 +343,4 @@ async def _sse(reply_id: str, model: str, first: Event, events: asyncio.Queue[Ev
             item = await events.get()
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()  # the client left, or the answer is complete: either way stop producing
+        job.cancel()  # the client left, or the answer is complete: either way stop producing

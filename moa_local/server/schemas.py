@@ -1,21 +1,25 @@
 """The OpenAI chat-completions wire format: request body, responses, stream chunks and the error shape, as closed
 pydantic models. Pure data: never touches HTTP, engines or the pipeline.
 
-The request accepts the usual OpenAI fields; anything else is a 400 (``extra="forbid"``), so a client never
-believes an option took effect when it did not. ``moa_trace`` is this server's one extension.
+The request accepts the usual OpenAI fields, strictly typed (``"stream": "yes"`` or ``"max_tokens": "64"`` are
+400s, not guesses); anything else is a 400 (``extra="forbid"``), so a client never believes an option took effect
+when it did not. Options this server does not implement are accepted only at the value that changes nothing, the
+value common clients send by default (``logprobs: false``, ``presence_penalty: 0``, ``response_format: {type:
+text}``, ``tool_choice: "none"``, an assistant ``content: null``, ...). ``moa_trace`` and ``moa_events`` are this
+server's extensions.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # -- request ------------------------------------------------------------------------------------------------------
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Closed):
@@ -29,10 +33,23 @@ class ChatMessage(_Closed):
     """One message of the conversation."""
 
     role: Literal["system", "developer", "user", "assistant"] = Field(description="'developer' is read as 'system'.")
-    content: str | list[TextPart] = Field(description="The text, or a list of text parts that are joined.")
+    content: str | list[TextPart] | None = Field(
+        description="The text, or a list of text parts that are joined; null only for an assistant turn (read as '').")
     name: str | None = Field(None, description="Accepted and ignored.")
+    tool_calls: list[Any] | None = Field(None, description="Only an empty list or null: tools are not supported.")
+    refusal: str | None = Field(None, description="Accepted and ignored (assistant turns echoed back by clients).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content of a {self.role} message must be a string or a list of text parts, not null")
+        if self.tool_calls:
+            raise ValueError("tool_calls are not supported by this server")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
@@ -55,9 +72,24 @@ class ChatCompletionRequest(_Closed):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; MoA: the aggregator's answer only.")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
-    n: Literal[1] = Field(1, description="Only one choice is supported.")
+    n: int = Field(1, description="Only one choice is supported.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    # Options this server does not implement, accepted only at their no-op value (what clients send by default).
+    logprobs: bool | None = Field(None, description="Only false: log probabilities are not returned.")
+    top_logprobs: int | None = Field(None, description="Only 0.")
+    presence_penalty: float | None = Field(None, description="Only 0.")
+    frequency_penalty: float | None = Field(None, description="Only 0.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only an empty object.")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    tools: list[Any] | None = Field(None, description="Only an empty list.")
+    tool_choice: str | None = Field(None, description='Only "none".')
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Only false: nothing is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
     moa_trace: bool = Field(False, description="Extension: add every proposer's answer (the trace) to the response.")
+    moa_events: bool = Field(False, description="Extension (with stream=true): also stream every role's events "
+                             "(data lines with \"object\": \"moa.event\"), so a client can show each layer live.")
 
     @field_validator("stop")
     @classmethod
@@ -68,6 +100,27 @@ class ChatCompletionRequest(_Closed):
         if any(not s for s in items):
             raise ValueError("stop strings must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _no_ops(self) -> ChatCompletionRequest:
+        if self.n != 1 or isinstance(self.n, bool):
+            raise ValueError("n: only 1 choice is supported")
+        unsupported = {
+            "logprobs": self.logprobs not in (None, False),
+            "top_logprobs": self.top_logprobs not in (None, 0),
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "logit_bias": bool(self.logit_bias),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none"),
+            "store": self.store not in (None, False),
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not supported by this server; leave it out or send its default "
+                             "(logprobs false, penalties 0, response_format text, no tools, tool_choice none)")
+        return self
 
     def answer_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from moa_local.api import start_engines
 from moa_local.config import load_model_config, load_recipe
 from moa_local.config.recipe import override_sampling
-from moa_local.engines.pool import EnginePool
 from moa_local.eval import get_suite, run_eval, write_report
 from moa_local.eval.math import extract_final_answer
 from moa_local.models import is_prepared
@@ -26,7 +26,8 @@ def test_math_on_the_tiny_recipe_with_real_engines(tmp_path: Path) -> None:
         if not is_prepared(load_model_config(model_id)):
             pytest.skip(f"{model_id} not prepared: run `moa-local models prepare`")
     starts: list[str] = []
-    with EnginePool.for_recipe(recipe, backend="transformers", log=starts.append) as pool:
+    runner, _ = start_engines(recipe, backend="transformers", log=starts.append)
+    with runner as pool:
         records = run_eval(get_suite("math"), recipe, pool, output=tmp_path, limit=4, chunk_size=4,
                            baselines=["proposers", "aggregator", "self-moa"])
     assert all(" ".join(starts).count(m) == 1 for m in recipe.model_ids()), "one engine per model for all systems"

@@ -11,7 +11,6 @@ import pytest
 from moa_local.api import load
 from moa_local.config import load_model_config, load_recipe
 from moa_local.config.recipe import Recipe
-from moa_local.engines.pool import EnginePool
 from moa_local.models import is_prepared
 from moa_local.placement.memory import GIB, estimate_cpu
 from moa_local.placement.phases import PhasedRunner
@@ -55,13 +54,13 @@ def texts(results: list) -> list:  # type: ignore[type-arg]
 
 def test_phased_run_matches_the_resident_run(recipe: Recipe) -> None:
     with load(recipe, backend="vllm", temperature=0.0, max_tokens=MAX_TOKENS, cpu_memory="64GiB") as moa:
-        assert isinstance(moa.runner, EnginePool) and moa.plan is not None and len(moa.plan.phases) == 1
+        assert moa.plan is not None and len(moa.plan.phases) == 1 and moa.pipeline.schedule == "flow"
         resident = moa.run(PROMPTS)
     assert all(r.ok and r.output for r in resident), [r.error for r in resident]
 
     with load(recipe, backend="vllm", temperature=0.0, max_tokens=MAX_TOKENS, cpu_memory=one_engine_budget(recipe)) as moa:
         runner = moa.runner
-        assert isinstance(runner, PhasedRunner) and moa.plan is not None
+        assert isinstance(runner, PhasedRunner) and moa.plan is not None and moa.pipeline.schedule == "stage"
         assert [p.models for p in moa.plan.phases] == [["smollm2-135m-instruct"], ["gemma3-270m"]]
         phased = moa.run(PROMPTS)
         stats = runner.stats

@@ -44,8 +44,8 @@ def served() -> Iterator[dict[str, Any]]:
     with load("tiny", backend=BACKEND, max_tokens=32) as moa:
         chunked = MoA(moa.recipe.model_copy(update={"aggregation": "chunked", "chunk_tokens": 8}), moa.runner,
                       backend=moa.backend)
-        full_app = create_app(moa, settings=ServerSettings(gather_ms=100))
-        chunked_app = create_app(chunked, settings=ServerSettings(gather_ms=5))
+        full_app = create_app(moa, settings=ServerSettings())
+        chunked_app = create_app(chunked, settings=ServerSettings())
         with BackgroundServer(full_app) as url, BackgroundServer(chunked_app) as chunked_url:
             yield {
                 "client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600),
@@ -79,9 +79,7 @@ def test_one_model_alone_greedy(served: dict[str, Any]) -> None:
     assert "Paris" in (r.choices[0].message.content or "")
 
 
-def test_concurrent_requests_run_as_one_batch(served: dict[str, Any]) -> None:
-    gatherer = served["app"].state.gatherer
-    before = gatherer.batches
+def test_concurrent_requests_all_come_back(served: dict[str, Any]) -> None:
     barrier = threading.Barrier(4)
     answers: list[str] = ["" for _ in range(4)]
 
@@ -97,7 +95,6 @@ def test_concurrent_requests_run_as_one_batch(served: dict[str, Any]) -> None:
     for t in threads:
         t.join(600)
     assert all(a.strip() for a in answers)
-    assert gatherer.batches - before == 1, "the four requests shared one batch per layer"
 
 
 def test_chunked_aggregation_streams_a_finished_answer(served: dict[str, Any]) -> None:

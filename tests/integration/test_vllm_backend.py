@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -152,15 +153,15 @@ def test_killed_worker_mid_batch_records_errors_and_the_job_finishes(moa) -> Non
     pipeline = MoAPipeline(long_layer, moa.runner)
     started: dict[str, float] = {}
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage.startswith("layer") and "t" not in started:
+    def listener(event: Any) -> None:
+        if event.kind == "start" and "t" not in started:
             started["t"] = time.monotonic()
             threading.Timer(1.5, os.kill, (gemma.worker.pid, signal.SIGKILL)).start()
 
     from moa_local.pipeline import Conversation
 
     convs = [Conversation(id=str(i), messages=_user(q)) for i, q in enumerate(QUESTIONS)]
-    results = pipeline.run(convs, progress=progress)
+    results = pipeline.run(convs, listener=listener)
     elapsed = time.monotonic() - started["t"]
     for res in results:
         smol, gem = res.layers[0].responses

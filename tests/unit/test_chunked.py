@@ -159,8 +159,8 @@ def test_time_to_first_token_is_well_under_half_of_full_aggregation(fake_recipe:
     def ttft(recipe: Recipe) -> float:
         pipeline = MoAPipeline(recipe, fake_pool(recipe, responder=long_answer))
         start = time.perf_counter()
-        _, deltas = pipeline.stream(Conversation("t", QUESTION))
-        next(iter(deltas))
+        deltas = iter(pipeline.stream(Conversation("t", QUESTION)))
+        next(deltas)
         first = time.perf_counter() - start
         for _ in deltas:
             pass
@@ -184,14 +184,16 @@ def test_a_proposer_that_ends_early_does_not_hold_the_aggregator(fake_recipe: Re
 def test_the_chunked_hook_serves_moa_stream_and_keeps_full_mode(fake_recipe: Recipe) -> None:
     recipe = chunked(fake_recipe, chunk=2)
     pool = fake_pool(recipe, responder=long_answer)
-    state, deltas = MoAPipeline(recipe, pool).stream(Conversation("h", QUESTION))
-    assert "".join(deltas).endswith("refs=2") and len(state.layers) == 2
+    run = MoAPipeline(recipe, pool).stream(Conversation("h", QUESTION))
+    assert "".join(run).endswith("refs=2") and len(run.result().layers) == 2
     engines: dict[str, FakeEngine] = pool.engines  # type: ignore[assignment]
-    assert len(engines["gemma3-270m"].streams) >= 2 and not engines["gemma3-270m"].calls, "chunked streams every layer"
+    assert len(engines["gemma3-270m"].streams) >= 2 and not engines["gemma3-270m"].requests, "chunked streams every layer"
     full = fake_pool(fake_recipe, responder=long_answer)
-    _, deltas = MoAPipeline(fake_recipe, full).stream(Conversation("h", QUESTION))
-    assert "".join(deltas).endswith("refs=2")
-    assert len(full.engines["gemma3-270m"].calls) == 2 and not full.engines["gemma3-270m"].streams  # type: ignore[attr-defined]
+    run = MoAPipeline(fake_recipe, full).stream(Conversation("h", QUESTION))
+    assert "".join(run).endswith("refs=2") and len(run.result().layers) == 2
+    # full aggregation: the layers are plain requests, only the aggregator streams
+    assert len(full.engines["gemma3-270m"].requests) == 2 and not full.engines["gemma3-270m"].streams  # type: ignore[attr-defined]
+    assert len(full.engines["smollm2-135m-instruct"].streams) == 1  # type: ignore[attr-defined]
 
 
 # -- failures ---------------------------------------------------------------------------------------------------------

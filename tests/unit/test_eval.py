@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def test_systems_and_self_moa_recipe(fake_recipe: Recipe) -> None:
         parse_baselines("proposers,oracle")
 
 
+def _stages(engine: FakeEngine) -> dict[str, int]:
+    """Requests per "stage/role" (the request id after the conversation id)."""
+    return dict(Counter(r.request_id.split("/", 1)[1] for r in engine.requests))
+
+
 def test_correct_fake_scores_one_for_every_system_and_files_are_written(fake_recipe: Recipe, tmp_path: Path) -> None:
     pool = fake_pool(fake_recipe, responder=_math_oracle(3))
     records = run_eval(get_suite("math"), fake_recipe, pool, output=tmp_path, baselines=ALL, limit=3)
@@ -82,11 +88,12 @@ def test_engines_are_shared_single_systems_send_one_request_per_item(fake_recipe
              chunk_size=4)
     smol, gemma = _engines(pool)["smollm2-135m-instruct"], _engines(pool)["gemma3-270m"]
     # smollm2: proposer alone (4), aggregator alone (4), MoA layer 1, layer 2, aggregator (4 each).
-    assert [len(c) for c in smol.calls] == [4, 4, 4, 4, 4]
-    assert [len(c) for c in gemma.calls] == [4, 4, 4]
-    alone, moa_layer1 = smol.calls[0][0], smol.calls[2][0]
-    assert alone.messages == moa_layer1.messages and alone.sampling == moa_layer1.sampling, \
-        "a proposer alone gets exactly its MoA layer-1 request"
+    assert _stages(smol) == {"single/smollm2": 4, "single/aggregator": 4, "L1/smollm2": 4, "L2/smollm2": 4,
+                             "agg/aggregator": 4}
+    assert _stages(gemma) == {"single/gemma3": 4, "L1/gemma3": 4, "L2/gemma3": 4}
+    alone = next(r for r in smol.requests if "/single/smollm2" in r.request_id)
+    moa_layer1 = next(r for r in smol.requests if "/L1/" in r.request_id and r.messages == alone.messages)
+    assert alone.sampling == moa_layer1.sampling, "a proposer alone gets exactly its MoA layer-1 request"
 
 
 def test_proposers_from_moa_reuse_layer_one_and_send_no_extra_request(fake_recipe: Recipe, tmp_path: Path) -> None:
@@ -94,10 +101,11 @@ def test_proposers_from_moa_reuse_layer_one_and_send_no_extra_request(fake_recip
     records = run_eval(get_suite("math"), fake_recipe, pool, output=tmp_path, baselines=ALL, limit=4, chunk_size=2,
                        proposers_from_moa=True)
     smol, gemma = _engines(pool)["smollm2-135m-instruct"], _engines(pool)["gemma3-270m"]
-    # gemma per chunk of 2: MoA's two layers, then Self-MoA of gemma (2 samples per layer, its aggregator); no
-    # proposer-alone call.
-    assert [len(c) for c in gemma.calls] == [2, 2, 4, 4, 2] * 2
-    assert [len(c) for c in smol.calls] == [2, 2, 2, 2] * 2  # MoA layers 1-2 and aggregator, aggregator alone
+    # gemma: MoA's two layers, then Self-MoA of gemma (2 samples per layer, its aggregator); no proposer-alone
+    # request. smollm2: MoA layers 1-2 and aggregator, and the aggregator alone.
+    assert _stages(gemma) == {"L1/gemma3": 4, "L2/gemma3": 4, "L1/gemma3#1": 4, "L1/gemma3#2": 4, "L2/gemma3#1": 4,
+                              "L2/gemma3#2": 4, "agg/aggregator": 4}
+    assert _stages(smol) == {"L1/smollm2": 4, "L2/smollm2": 4, "agg/aggregator": 4, "single/aggregator": 4}
     by = {(r["system"], r["item"]): r for r in records}
     assert len(records) == 4 * 5
     for item in {r["item"] for r in records}:
@@ -115,7 +123,7 @@ def test_proposers_from_moa_reuse_layer_one_and_send_no_extra_request(fake_recip
     pool2 = fake_pool(fake_recipe, responder=_math_oracle(4))
     again = run_eval(get_suite("math"), fake_recipe, pool2, output=tmp_path, baselines=ALL, limit=4,
                      proposers_from_moa=True)
-    assert len(again) == 20 and all(not e.calls for e in _engines(pool2).values())
+    assert len(again) == 20 and all(not e.requests for e in _engines(pool2).values())
     assert "MoA's own layer-1 answers" in render_markdown(build_report(tmp_path))
     with pytest.raises(InputError, match="single-turn"):
         run_eval(get_suite("mtbench"), fake_recipe, pool2, output=tmp_path / "mt", baselines=ALL, limit=1,
@@ -147,13 +155,13 @@ def test_rerun_resumes_and_skips_done_pairs(fake_recipe: Recipe, tmp_path: Path)
     records = run_eval(suite, fake_recipe, pool, output=tmp_path, baselines=ALL, limit=4)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(rows) == 20 == len(records) and len({r["id"] for r in rows}) == 20
-    asked = [_last_user(r) for c in _engines(pool)["gemma3-270m"].calls for r in c]
+    asked = [_last_user(r) for r in _engines(pool)["gemma3-270m"].requests]
     firsts = [it.turns[0] for it in suite.items(2)]
     assert not any(q in a for a in asked for q in firsts), "items already done are not asked again"
     # Nothing left: a third run sends no request at all.
     pool3 = fake_pool(fake_recipe, responder=_math_oracle(4))
     run_eval(suite, fake_recipe, pool3, output=tmp_path, baselines=ALL, limit=4)
-    assert all(not e.calls for e in _engines(pool3).values())
+    assert all(not e.requests for e in _engines(pool3).values())
 
 
 def test_a_folder_of_another_suite_is_refused(fake_recipe: Recipe, tmp_path: Path) -> None:
@@ -207,7 +215,7 @@ def test_mtbench_two_turns_and_the_judge(fake_recipe: Recipe, tmp_path: Path) ->
     turn2 = moa["trace"][1]["aggregator"]
     assert turn2 is not None and moa["answers"][1] == turn2["text"]
     # Turn 2 of the aggregator-alone system saw its own turn-1 answer.
-    agg_calls = [r for c in _engines(pool)["smollm2-135m-instruct"].calls for r in c
+    agg_calls = [r for r in _engines(pool)["smollm2-135m-instruct"].requests
                  if len(r.messages) == 3 and r.messages[1]["role"] == "assistant"]
     assert agg_calls
     report = build_report(tmp_path)

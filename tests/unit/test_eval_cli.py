@@ -58,16 +58,16 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 def test_engines_start_once_and_report_only_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import moa_local.engines.pool as pool_module
+    import moa_local.engines as engines_module
 
     started: list[str] = []
-    real = pool_module.create_engine
+    real = engines_module.create_engine
 
     def counting(config, **kwargs):  # type: ignore[no-untyped-def]
         started.append(config.id)
         return real(config, **kwargs)
 
-    monkeypatch.setattr(pool_module, "create_engine", counting)
+    monkeypatch.setattr(engines_module, "create_engine", counting)
     out = tmp_path / "m"
     code, err = _main(capsys, "eval", "-s", "math", "-r", "fake", "--limit", "2", "-o", str(out),
                       "--baselines", "proposers,self-moa")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,10 +16,11 @@ import pytest
 
 from moa_local.api import load
 from moa_local.config import EngineOptions, Recipe, Role, Sampling, load_model_config, load_recipe
-from moa_local.engines.base import Request
+from moa_local.config.recipe import FakeOptions
+from moa_local.engines.base import Generation, Request
 from moa_local.engines.fake import FakeEngine
 from moa_local.engines.pool import EnginePool
-from moa_local.errors import EngineError, EngineStartError, PlacementError
+from moa_local.errors import EngineStartError, PlacementError
 from moa_local.pipeline import Conversation, MoAPipeline
 from moa_local.placement import Hardware, Plan, build_hardware, plan_recipe
 from moa_local.placement.memory import GIB, estimate_cpu
@@ -29,12 +31,13 @@ from moa_local.placement.planner import CPU_RESERVE_BYTES
 
 
 class Recorder:
-    """An engine factory that records every start, close, sleep, wake and generate call, in order."""
+    """An engine factory that records every start, close, sleep, wake and submitted request, in order."""
 
-    def __init__(self, *, fail: tuple[str, ...] = (), sleepy: bool = False) -> None:
+    def __init__(self, *, fail: tuple[str, ...] = (), sleepy: bool = False, fake: FakeOptions | None = None) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.fail = set(fail)
         self.sleepy = sleepy
+        self.fake = fake
         self.options: dict[str, list[EngineOptions]] = {}
 
     def __call__(self, model_id: str, options: EngineOptions) -> FakeEngine:
@@ -43,13 +46,25 @@ class Recorder:
             self.events.append(("start_failed", model_id))
             raise EngineStartError(f"'{model_id}' ran out of memory (scripted)")
         self.events.append(("start", model_id))
-        return (SleepyEngine if self.sleepy else LoggedEngine)(model_id, self.events)
+        engine = (SleepyEngine if self.sleepy else LoggedEngine)(model_id, self.events)
+        if self.fake is not None:
+            engine.options = self.fake
+        return engine
 
     def count(self, kind: str) -> Counter[str]:
         return Counter(e[1] for e in self.events if e[0] == kind)
 
-    def generates(self) -> list[tuple[str, int]]:
-        return [(e[1], e[2]) for e in self.events if e[0] == "generate"]
+    def runs(self) -> list[tuple[Any, ...]]:
+        """The events with consecutive requests to one model collapsed: ("requests", model, n)."""
+        out: list[tuple[Any, ...]] = []
+        for event in self.events:
+            if event[0] == "submit" and out and out[-1][:2] == ("requests", event[1]):
+                out[-1] = ("requests", event[1], out[-1][2] + 1)
+            elif event[0] == "submit":
+                out.append(("requests", event[1], 1))
+            else:
+                out.append(event)
+        return out
 
 
 class LoggedEngine(FakeEngine):
@@ -57,9 +72,9 @@ class LoggedEngine(FakeEngine):
         super().__init__(model_id)
         self.events = events
 
-    def generate(self, requests):  # type: ignore[no-untyped-def]
-        self.events.append(("generate", self.model_id, len(requests)))
-        return super().generate(requests)
+    def submit(self, request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
+        self.events.append(("submit", self.model_id))
+        return super().submit(request, on_done=on_done, on_delta=on_delta)
 
     def close(self) -> None:
         if not self.closed:
@@ -80,9 +95,9 @@ class SleepyEngine(LoggedEngine):
         self.asleep = None
         self.events.append(("wake", self.model_id))
 
-    def generate(self, requests):  # type: ignore[no-untyped-def]
+    def submit(self, request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
         assert self.asleep is None, f"{self.model_id} generated while asleep"
-        return super().generate(requests)
+        return super().submit(request, on_done=on_done, on_delta=on_delta)
 
 
 def cpu_hw(memory_bytes: int, cores: int = 2) -> Hardware:
@@ -132,8 +147,9 @@ def test_one_phase_behaves_like_the_resident_pool() -> None:
     assert outputs(MoAPipeline(recipe, runner).run(convs)) == resident_outputs(recipe, convs)
     assert runner.stats.swaps == 0 and not rec.count("close")
     assert rec.count("start") == {"smollm2-135m-instruct": 1, "gemma3-270m": 1}
-    # every layer is one batch per model (the two run in parallel): 4 conversations each
-    assert Counter(rec.generates()) == {("smollm2-135m-instruct", 4): 3, ("gemma3-270m", 4): 2}
+    # one phase: the flow schedule, every request sent the moment it can run
+    assert MoAPipeline(recipe, runner).schedule == "flow"
+    assert rec.count("submit") == {"smollm2-135m-instruct": 12, "gemma3-270m": 8}
     assert runner.health() == {"smollm2-135m-instruct": True, "gemma3-270m": True}
     runner.close()
     assert rec.count("close") == {"smollm2-135m-instruct": 1, "gemma3-270m": 1}
@@ -154,11 +170,10 @@ def test_two_phases_load_each_model_once_per_layer_and_match_the_resident_run() 
     assert got == resident_outputs(recipe, convs)
     s, g = "smollm2-135m-instruct", "gemma3-270m"
     # layer 1: smollm2 (resident from load), swap, gemma; layer 2: gemma (still resident), swap, smollm2;
-    # aggregation: smollm2 (still resident). Every call carries all 5 conversations: one load per layer, not per prompt.
-    assert rec.events == [
-        ("start", s), ("generate", s, 5), ("close", s), ("start", g), ("generate", g, 5),
-        ("generate", g, 5), ("close", g), ("start", s), ("generate", s, 5),
-        ("generate", s, 5),
+    # aggregation: smollm2 (still resident). Each step sends all 5 conversations: one load per layer, not per prompt.
+    assert rec.runs() == [
+        ("start", s), ("requests", s, 5), ("close", s), ("start", g), ("requests", g, 10),
+        ("close", g), ("start", s), ("requests", s, 10),
     ]  # fmt: skip
     assert runner.stats.swaps == plan.switches == 2
     assert runner.stats.phases_run == [0, 1, 0]
@@ -215,12 +230,10 @@ def test_phases_snake_across_layers_as_the_plan_schedules(layers: int) -> None:
         collapsed = [p for i, p in enumerate(scheduled) if i == 0 or scheduled[i - 1] != p]
         assert runner.stats.phases_run == collapsed
         assert runner.stats.swaps == plan.switches
-        # every model's engine answers each layer in one call of all 3 conversations
-        calls = Counter(rec.generates())
-        assert all(n == 3 for _, n in calls)
+        # every model answers all 3 conversations in each layer (and b aggregates them)
         for model_id in recipe.model_ids():
-            per_model = sum(c for (m, _), c in calls.items() if m == model_id)
-            assert per_model == layers + (model_id == "b")
+            assert rec.count("submit")[model_id] == 3 * (layers + (model_id == "b"))
+        assert all(n % 3 == 0 for kind, _, *n_ in rec.runs() if kind == "requests" for n in n_)
     assert got == resident_outputs(recipe, conversations(3))
 
 
@@ -234,7 +247,7 @@ def test_retry_reuses_the_resident_phase_and_an_unknown_model_fails_its_requests
         runner.run({"gemma3-270m": [req], "smollm2-135m-instruct": [req]})
         assert runner.stats.phases_run == [1, 0]  # gemma was resident, so it ran first
         out = runner.run({"no-such-model": [req, req]})
-        assert [g.ok for g in out["no-such-model"]] == [False, False]
+        assert [g.ok for g in out["no-such-model"]] == [False, False] and out["no-such-model"][0].kind == "engine_down"
         assert "no engine for model 'no-such-model'" in (out["no-such-model"][0].error or "")
 
 
@@ -306,20 +319,46 @@ def test_engines_without_sleep_are_reloaded_even_when_the_plan_says_sleep() -> N
 # -- streams -------------------------------------------------------------------------------------------------------
 
 
-def test_stream_swaps_its_phase_in_and_blocks_swaps_while_open() -> None:
+def test_a_request_for_another_phase_waits_until_the_resident_one_drains() -> None:
     recipe = load_recipe("tiny")
     plan = plan_recipe(recipe, cpu_hw(one_engine_budget(recipe)), backend="vllm")
     req = Request([{"role": "user", "content": "hi there"}], Sampling())
-    with runner_for(recipe, plan, Recorder()) as runner:
+    rec = Recorder(fake=FakeOptions(latency_s=0.3))
+    with runner_for(recipe, plan, rec) as runner:
         deltas = runner.stream("gemma3-270m", req)
+        first = next(deltas)  # gemma swapped in, its answer streaming
         assert runner.resident_phase == plan.engine("gemma3-270m").phase
-        first = next(deltas)
-        with pytest.raises(EngineError, match="while this thread still reads a stream"):
-            runner.stream("smollm2-135m-instruct", req)
+        done: list[Generation] = []
+        runner.submit("smollm2-135m-instruct", req, on_done=done.append)  # waits: gemma still has a stream open
+        assert runner.resident_phase == plan.engine("gemma3-270m").phase and not done
         text = first + "".join(deltas)
         assert text == FakeEngine("gemma3-270m").generate([req])[0].text
-        assert "".join(runner.stream("smollm2-135m-instruct", req))  # the stream ended: swapping is allowed
+        deadline = time.monotonic() + 5
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done and done[0].ok and runner.resident_phase == plan.engine("smollm2-135m-instruct").phase
         assert runner.stats.swaps == 2
+        assert [e[:2] for e in rec.events] == [("start", "smollm2-135m-instruct"), ("close", "smollm2-135m-instruct"),
+                                               ("start", "gemma3-270m"), ("submit", "gemma3-270m"),
+                                               ("close", "gemma3-270m"), ("start", "smollm2-135m-instruct"),
+                                               ("submit", "smollm2-135m-instruct")]
+
+
+def test_a_waiting_request_can_be_cancelled_and_close_fails_what_waits() -> None:
+    recipe = load_recipe("tiny")
+    plan = plan_recipe(recipe, cpu_hw(one_engine_budget(recipe)), backend="vllm")
+    req = Request([{"role": "user", "content": "hi"}], Sampling())
+    runner = runner_for(recipe, plan, Recorder(fake=FakeOptions(latency_s=0.5)))
+    busy: list[Generation] = []
+    runner.submit("smollm2-135m-instruct", req, on_done=busy.append)  # keeps phase 0 busy
+    got: list[Generation] = []
+    ticket = runner.submit("gemma3-270m", req, on_done=got.append)
+    ticket.cancel()
+    assert got and got[0].kind == "aborted"
+    later: list[Generation] = []
+    runner.submit("gemma3-270m", req, on_done=later.append)
+    runner.close()
+    assert later and later[0].kind == "engine_down" and busy and busy[0].kind == "engine_down"
 
 
 # -- planned options -----------------------------------------------------------------------------------------------
@@ -357,7 +396,6 @@ def test_load_refuses_what_cannot_fit_before_starting_anything(monkeypatch: pyte
         raise AssertionError("an engine was started")
 
     monkeypatch.setattr("moa_local.engines.create_engine", boom)
-    monkeypatch.setattr("moa_local.engines.pool.create_engine", boom)
     with pytest.raises(PlacementError, match=r"CPU memory.*--cpu-memory"):
         load("tiny", backend="vllm", cpu_memory="1GiB", cpu_cores=2)
 
@@ -376,17 +414,17 @@ def test_load_runs_phases_when_the_budget_holds_one_engine(monkeypatch: pytest.M
 
 def test_load_keeps_one_phase_resident_with_the_plans_core_split(monkeypatch: pytest.MonkeyPatch) -> None:
     rec = Recorder()
-    monkeypatch.setattr(
-        "moa_local.engines.pool.create_engine", lambda config, *, options, backend: rec(config.id, options)
-    )
+    monkeypatch.setattr("moa_local.engines.create_engine", lambda config, *, options, backend: rec(config.id, options))
     with load("tiny", backend="vllm", cpu_memory="64GiB", cpu_cores=2) as moa:
-        assert isinstance(moa.runner, EnginePool) and moa.plan is not None and len(moa.plan.phases) == 1
+        assert isinstance(moa.runner, PhasedRunner) and moa.plan is not None and len(moa.plan.phases) == 1
+        assert moa.pipeline.schedule == "flow" and moa.runner.stats.swaps == 0
     assert sorted(o[0].cpu_threads or "" for o in rec.options.values()) == ["0", "1"]
 
 
 def test_load_with_a_fake_recipe_is_unchanged() -> None:
     with load("fake") as moa:
-        assert isinstance(moa.runner, EnginePool) and moa.plan is not None and moa.plan.device == "none"
+        assert isinstance(moa.runner, PhasedRunner) and moa.plan is not None and moa.plan.device == "none"
+        assert moa.pipeline.schedule == "flow"
 
 
 # -- the CLI -------------------------------------------------------------------------------------------------------

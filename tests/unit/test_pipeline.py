@@ -1,4 +1,4 @@
-"""The MoA pipeline's logic on the fake backend: layers, batching, references, multi-turn, failure policy."""
+"""The MoA pipeline's logic on the fake backend: layers, references, multi-turn, failure policy, under both schedules."""
 
 from __future__ import annotations
 
@@ -6,33 +6,49 @@ import pytest
 
 from moa_local.api import MoA, load
 from moa_local.config.recipe import FailurePolicy, FakeOptions, Recipe
+from moa_local.engines.base import DONE_TICKET, Generation
 from moa_local.engines.fake import FakeEngine, count_references, fake_pool
 from moa_local.errors import InputError
-from moa_local.pipeline import Conversation, MoAPipeline
+from moa_local.pipeline import Conversation, MoAPipeline, Result, Schedule
 
 
 def _engines(pool) -> dict[str, FakeEngine]:  # type: ignore[no-untyped-def]
     return pool.engines  # type: ignore[no-any-return]
 
 
-def test_each_layer_is_one_batch_per_model(fake_recipe: Recipe) -> None:
+@pytest.mark.parametrize("schedule", ["flow", "stage"])
+def test_every_role_answers_every_conversation_once(fake_recipe: Recipe, schedule: Schedule) -> None:
     pool = fake_pool(fake_recipe)
-    results = MoAPipeline(fake_recipe, pool).run([Conversation(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(5)])
-    assert all(r.ok for r in results)
+    pipeline = MoAPipeline(fake_recipe, pool, schedule=schedule)
+    results = pipeline.run([Conversation(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(5)])
+    assert all(r.ok for r in results) and [r.id for r in results] == ["0", "1", "2", "3", "4"]
     smol, gemma = _engines(pool)["smollm2-135m-instruct"], _engines(pool)["gemma3-270m"]
-    # smollm2 proposes in 2 layers and aggregates: 3 calls; each layer call carries all 5 conversations.
-    assert [len(c) for c in smol.calls] == [5, 5, 5]
-    assert [len(c) for c in gemma.calls] == [5, 5]
+    # smollm2 proposes in 2 layers and aggregates; gemma proposes in 2 layers
+    assert len(smol.requests) == 15 and len(gemma.requests) == 10
+    stages = sorted(r.request_id.split("/")[1] for r in smol.requests)
+    assert stages == ["L1"] * 5 + ["L2"] * 5 + ["agg"] * 5
+
+
+def test_both_schedules_give_the_same_answers(fake_recipe: Recipe) -> None:
+    convs = [Conversation(str(i), [{"role": "user", "content": f"question {i}"}]) for i in range(7)]
+    flow = MoAPipeline(fake_recipe, fake_pool(fake_recipe), schedule="flow").run(convs)
+    stage = MoAPipeline(fake_recipe, fake_pool(fake_recipe), schedule="stage").run(convs)
+    assert [r.output for r in flow] == [r.output for r in stage] and all(r.output for r in flow)
+
+    def texts(r: Result) -> list[str | None]:
+        return [x.text for layer in r.layers for x in layer.responses]
+
+    assert [texts(r) for r in flow] == [texts(r) for r in stage]
 
 
 def test_references_flow_from_layer_to_layer(fake_recipe: Recipe) -> None:
     pool = fake_pool(fake_recipe)
     (res,) = MoAPipeline(fake_recipe, pool).run([Conversation("a", [{"role": "user", "content": "Why?"}])])
     gemma = _engines(pool)["gemma3-270m"]
-    assert count_references(gemma.calls[0][0]) == 0
-    assert count_references(gemma.calls[1][0]) == 2
+    assert count_references(gemma.requests[0]) == 0
+    assert count_references(gemma.requests[1]) == 2
     layer1 = [r.text for r in res.layers[0].responses]
-    system = gemma.calls[1][0].messages[0]["content"]
+    system = gemma.requests[1].messages[0]["content"]
     assert all(t and t in system for t in layer1), "layer 2 sees every layer-1 answer"
     assert res.output and "synthesized 2 references" in res.output
     assert len(res.layers) == 2 and [r.role for r in res.layers[1].responses] == ["smollm2", "gemma3"]
@@ -56,7 +72,7 @@ def test_multi_turn_history_is_kept_and_references_answer_the_last_turn(fake_rec
         {"role": "user", "content": "Another one?"},
     ]
     (res,) = MoAPipeline(fake_recipe, pool).run([Conversation("m", history)])
-    agg_request = _engines(pool)["smollm2-135m-instruct"].calls[-1][0]
+    agg_request = _engines(pool)["smollm2-135m-instruct"].requests[-1]
     assert agg_request.messages[1:] == history[1:]
     assert agg_request.messages[0]["content"].startswith("Be kind.\n\n")
     assert "Another one?" in (res.output or "")
@@ -74,7 +90,7 @@ def test_failed_proposer_is_recorded_and_the_layer_goes_on(fake_recipe: Recipe) 
     assert res.ok, res.error
     gemma = res.layers[0].responses[1]
     assert not gemma.ok and "boom" in (gemma.error or "") and gemma.attempts == 3
-    assert len(_engines(pool)["gemma3-270m"].calls) == 6  # 3 attempts x 2 layers
+    assert len(_engines(pool)["gemma3-270m"].requests) == 6  # 3 attempts x 2 layers
     assert "synthesized 1 references" in (res.output or "")
 
 
@@ -91,25 +107,87 @@ def test_below_min_proposers_fails_that_conversation_only(fake_recipe: Recipe) -
     assert len(bad.layers) == 1, "a failed conversation stops after the failing layer"
 
 
-def test_aggregator_failure_is_an_error_not_a_silent_empty_answer(fake_recipe: Recipe) -> None:
+@pytest.mark.parametrize("schedule", ["flow", "stage"])
+def test_aggregator_failure_is_an_error_not_a_silent_empty_answer(fake_recipe: Recipe, schedule: Schedule) -> None:
     recipe = _failing_recipe(fake_recipe, min_proposers=1, retries=1)
 
     pool = fake_pool(recipe)
     agg = _engines(pool)["smollm2-135m-instruct"]
-    original = agg.generate
+    original = agg.submit
 
-    def generate(requests):  # type: ignore[no-untyped-def]
-        gens = original(requests)
-        if any(r.request_id.endswith("/agg/aggregator") for r in requests):
-            from moa_local.engines.base import Generation
+    def submit(request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
+        if request.request_id.endswith("/agg/aggregator"):
+            on_done(Generation.failed("engine exploded"))
+            return DONE_TICKET
+        return original(request, on_done=on_done, on_delta=on_delta)
 
-            return [Generation.failed("engine exploded") for _ in requests]
-        return gens
-
-    agg.generate = generate  # type: ignore[method-assign]
-    (res,) = MoAPipeline(recipe, pool).run([Conversation("x", [{"role": "user", "content": "q"}])])
+    agg.submit = submit  # type: ignore[method-assign]
+    (res,) = MoAPipeline(recipe, pool, schedule=schedule).run([Conversation("x", [{"role": "user", "content": "q"}])])
     assert not res.ok and "aggregator 'aggregator' failed: engine exploded" in (res.error or "")
-    assert res.aggregator is not None and res.aggregator.attempts == 2
+    assert res.aggregator is not None and res.aggregator.attempts == 2 and res.kind == "failed"
+
+
+def test_deterministic_failures_are_not_retried(fake_recipe: Recipe) -> None:
+    recipe = _failing_recipe(fake_recipe, min_proposers=1, retries=3)
+    pool = fake_pool(recipe)
+    gemma = _engines(pool)["gemma3-270m"]
+    calls = []
+
+    def submit(request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
+        calls.append(request)
+        on_done(Generation.failed("prompt too long", kind="too_long"))
+        return DONE_TICKET
+
+    gemma.submit = submit  # type: ignore[method-assign]
+    (res,) = MoAPipeline(recipe, pool).run([Conversation("x", [{"role": "user", "content": "q"}])])
+    assert res.ok and res.layers[0].responses[1].kind == "too_long"
+    assert len(calls) == 2, "one attempt per layer: a too-long prompt fails the same way every time"
+
+
+def test_flow_sends_a_conversations_next_layer_without_waiting_for_the_others(fake_recipe: Recipe) -> None:
+    """No barrier: conversation 0's layer 2 goes out while conversation 1's layer 1 is still running."""
+    recipe = fake_recipe.model_copy(update={"engines": {
+        "smollm2-135m-instruct": fake_recipe.engine_options("smollm2-135m-instruct"),
+        "gemma3-270m": fake_recipe.engine_options("gemma3-270m"),
+    }})
+    pool = fake_pool(recipe)
+    gemma = _engines(pool)["gemma3-270m"]
+    gemma.options = FakeOptions(token_delay_s=0.002)
+    slow = {"1"}  # conversation 1's gemma answers take 40x longer
+
+    original = gemma.submit
+
+    def submit(request, *, on_done, on_delta=None):  # type: ignore[no-untyped-def]
+        conv = request.request_id.split("/")[0]
+        gemma.options = FakeOptions(token_delay_s=0.2 if conv in slow else 0.001)
+        return original(request, on_done=on_done, on_delta=on_delta)
+
+    gemma.submit = submit  # type: ignore[method-assign]
+    order: list[tuple[str, int]] = []
+    MoAPipeline(recipe, pool, schedule="flow").run(
+        [Conversation(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(2)],
+        listener=lambda e: order.append((e.conversation, e.layer)) if e.kind == "start" and e.model != "gemma3-270m" else None,
+    )
+    assert order.index(("0", 3)) < order.index(("1", 2)), "conversation 0 reached its aggregator first"
+
+
+def test_flow_window_bounds_conversations_in_flight(fake_recipe: Recipe) -> None:
+    pool = fake_pool(fake_recipe)
+    for engine in _engines(pool).values():
+        engine.options = FakeOptions(latency_s=0.01)
+    live: set[str] = set()
+    peak = [0]
+
+    def watch(event):  # type: ignore[no-untyped-def]
+        if event.kind == "start" and event.layer == 1:
+            live.add(event.conversation)
+            peak[0] = max(peak[0], len(live))
+        if event.kind == "done" and event.aggregator:
+            live.discard(event.conversation)
+
+    results = MoAPipeline(fake_recipe, pool, window=3).run(
+        [Conversation(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(12)], listener=watch)
+    assert all(r.ok for r in results) and peak[0] == 3
 
 
 def test_api_load_run_and_close() -> None:

@@ -36,7 +36,7 @@ def served(recipe: Recipe | None = None, **options: Any) -> Iterator[tuple[str, 
     if fake:
         for engine in pool.engines.values():
             engine.options = FakeOptions(**fake)  # type: ignore[attr-defined]
-    app = create_app(MoA(recipe, pool, backend="fake"), settings=ServerSettings(gather_ms=2, **options))
+    app = create_app(MoA(recipe, pool, backend="fake"), settings=ServerSettings(**options))
     with BackgroundServer(app) as url:
         yield url, pool
 
@@ -128,7 +128,7 @@ def test_a_prompt_too_long_is_400_context_length_exceeded(url: str) -> None:
 
 
 def test_a_full_queue_is_429() -> None:
-    with served(max_queue=2, fake={"latency_s": 0.15}) as (url, _):
+    with served(window=1, max_queue=1, fake={"latency_s": 0.15}) as (url, _):
         codes: list[int] = []
         threads = [threading.Thread(target=lambda: codes.append(post(url, GOOD, key=None).status_code)) for _ in range(2)]
         for t in threads:

@@ -7,7 +7,7 @@ import pytest
 
 from moa_local.config import load_model_config, load_recipe
 from moa_local.config.recipe import EngineOptions, Sampling
-from moa_local.engines.cpu import assign_cpu_threads, format_cores, parse_cores, split_cores
+from moa_local.engines.cpu import format_cores, parse_cores, split_cores
 from moa_local.engines.vllm import check_options, engine_kwargs, sampling_kwargs, worker_env
 from moa_local.errors import EngineStartError
 
@@ -85,15 +85,17 @@ def test_core_sets_are_disjoint_and_cover_the_cores() -> None:
     assert format_cores([5, 0, 1, 2]) == "0-2,5" and parse_cores("0-2,5|7") == {0, 1, 2, 5, 7}
 
 
-def test_pool_assignment_keeps_explicit_bindings_and_splits_the_rest() -> None:
+def test_the_plan_keeps_explicit_bindings_and_splits_the_rest() -> None:
+    from moa_local.placement import build_hardware, plan_recipe
+
     tiny = load_recipe("tiny")
-    opts = {m: tiny.engine_options(m) for m in tiny.model_ids()}
-    assert {m: o.cpu_threads for m, o in assign_cpu_threads(opts, cores=[0, 1]).items()} == {
-        "smollm2-135m-instruct": "0", "gemma3-270m": "1"}
-    pinned = {**opts, "smollm2-135m-instruct": opts["smollm2-135m-instruct"].model_copy(update={"cpu_threads": "0"})}
-    out = assign_cpu_threads(pinned, cores=[0, 1, 2, 3])
-    assert out["smollm2-135m-instruct"].cpu_threads == "0" and out["gemma3-270m"].cpu_threads == "1-3"
-    assert out["gemma3-270m"].max_model_len == 2048  # the rest of the options survive
+    hw = build_hardware(gpus="none", cpu_memory="64GiB", cpu_cores=4, detect=False)
+    assert {e.id: e.cpu_threads for e in plan_recipe(tiny, hw, backend="vllm").models} == {
+        "smollm2-135m-instruct": "0-1", "gemma3-270m": "2-3"}
+    engines = {**tiny.engines, "smollm2-135m-instruct": tiny.engine_options("smollm2-135m-instruct").model_copy(
+        update={"cpu_threads": "0"})}
+    plan = plan_recipe(tiny.model_copy(update={"engines": engines}), hw, backend="vllm")
+    assert {e.id: e.cpu_threads for e in plan.models} == {"smollm2-135m-instruct": "0", "gemma3-270m": "1-3"}
 
 
 def test_sampling_is_per_request_and_greedy_ignores_top_p() -> None:

@@ -179,7 +179,7 @@ def chat_server(args: argparse.Namespace) -> Iterator[tuple[str, str, str | None
     from moa_local.server.settings import ServerSettings
 
     with load(args.recipe, backend=args.backend, max_tokens=args.max_tokens) as moa:
-        app = create_app(moa, settings=ServerSettings(gather_ms=0))
+        app = create_app(moa, settings=ServerSettings())
         if not any(getattr(r, "path", None) == "/" for r in app.routes):
             mount_page(app)
         with BackgroundServer(app) as url:

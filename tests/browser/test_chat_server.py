@@ -25,8 +25,8 @@ KEY = "page-test-key"
 PROMPT = "Why is the sky blue? Answer in one sentence."
 
 
-def serve_with_page(moa: MoA, **settings: Any) -> BackgroundServer:
-    app = create_app(moa, settings=ServerSettings(api_key=KEY, **settings))
+def serve_with_page(moa: MoA) -> BackgroundServer:
+    app = create_app(moa, settings=ServerSettings(api_key=KEY))
     if not any(getattr(r, "path", None) == "/" for r in app.routes):  # until create_app mounts the page itself
         mount_page(app)
     return BackgroundServer(app)
@@ -76,7 +76,7 @@ def fake_server() -> Iterator[str]:
     pool = fake_pool(recipe)
     for engine in pool.engines.values():
         engine.options = FakeOptions(token_delay_s=0.01)  # type: ignore[attr-defined]
-    with serve_with_page(MoA(recipe, pool, backend="fake"), gather_ms=5) as url:
+    with serve_with_page(MoA(recipe, pool, backend="fake")) as url:
         yield url
 
 
@@ -119,7 +119,7 @@ def vllm_server(fake_server: str) -> Iterator[str]:
     for model_id in load_recipe("tiny").model_ids():
         if not is_prepared(load_model_config(model_id)):
             pytest.skip(f"{model_id} not prepared: run `moa-local models prepare`")
-    with load("tiny", backend="vllm", max_tokens=32) as moa, serve_with_page(moa, gather_ms=20) as url:
+    with load("tiny", backend="vllm", max_tokens=32) as moa, serve_with_page(moa) as url:
         require_events(url, "tiny")
         yield url
 

@@ -43,6 +43,7 @@ demo: setup
 	$(VENV)/bin/moa-local run --recipe tiny "Explain in two sentences why the sky is blue."
 
 test: setup
+	@$(PY) tests/browser/conftest.py
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

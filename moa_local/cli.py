@@ -535,6 +535,22 @@ def _eval_progress() -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+@app.command()
+def view(
+    path: Annotated[Path, typer.Argument(help="A batch output (.jsonl, from run --input --trace), a --trace file "
+                                         "(.json) or an eval folder.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file to write (default: next to "
+                                                "PATH, or report.html in an eval folder).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="The batch job's input JSONL, to show its "
+                                               "prompts.")] = None,
+) -> None:
+    """Write one self-contained HTML page to read traces: search, layers side by side, agreement, failures."""
+    from moa_local.view import write_report
+
+    written = write_report(path, output, input=input)
+    err.print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB); open it in a browser")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (exit 143 instead of 130)."""
 

@@ -72,7 +72,11 @@ def build_report(folder: Path) -> Report:
     records = load_records(folder)
     if not records:
         raise InputError(f"no results in {folder}; run `moa-local eval` with --output {folder} first")
-    info = read_run_info(folder)
+    return summarize(records, read_run_info(folder))
+
+
+def summarize(records: list[dict[str, Any]], info: dict[str, Any]) -> Report:
+    """Summarize records already read (non-empty): the rows, the best single model, the paired comparisons."""
     suite = get_suite(records[0]["suite"])
     by_system: dict[str, list[dict[str, Any]]] = {}
     for r in records:

@@ -488,6 +488,9 @@ def forecast(recipe: Recipe, plan: Plan, workload: Workload, *, hardware: Hardwa
     slowest = max(engines, key=lambda e: e.engine_seconds or 0.0)
     slowest.bottleneck = True
     result.bottleneck = slowest.id
+    note = _window_note(recipe, plan, stages, slowest, speeds[slowest.id], size, chosen)
+    if note:
+        notes.append(note)
     result.run_s = played.wall + result.swap_s
     result.wall_s = result.run_s + result.load_s
     if result.fill_drain_s is None and played.wall > 0:
@@ -497,6 +500,30 @@ def forecast(recipe: Recipe, plan: Plan, workload: Workload, *, hardware: Hardwa
         if price_per_gpu_hour is not None:
             result.cost = result.gpu_hours * price_per_gpu_hour
     return result
+
+
+def _window_note(recipe: Recipe, plan: Plan, stages: list[StageForecast], engine: EngineForecast,
+                 speed: EngineSpeed | None, window: int, schedule: Schedule) -> str | None:
+    """Advice when the scheduler's window, not the engine, caps the bottleneck's batch in its busiest stage."""
+    mine = [s for s in stages if s.engine == engine.id and s.requests]
+    if speed is None or not mine:
+        return None
+    busiest = max(mine, key=lambda s: s.engine_seconds or 0.0)
+    sequence = (busiest.prefill_tokens + busiest.generated_tokens / 2) / busiest.requests
+    capacity = min(speed.max_batch, int(plan.engine(engine.id).kv_tokens // max(1.0, sequence)))
+    roles = [r for r in [*recipe.proposer_roles(), recipe.aggregator_role()] if r.model == engine.id]
+    per_conversation = max(1, sum(1 for r in roles if r.name != recipe.aggregator_role().name)) \
+        if busiest.stage <= recipe.layers else 1
+    if schedule == "stage":
+        step = next((x for x in plan.schedule if x.layer == busiest.stage and x.phase == busiest.phase), None)
+        share = window * per_conversation / max(1, len(step.roles) if step else 1)
+    else:
+        share = float(window * per_conversation)
+    if share >= 0.8 * capacity:
+        return None
+    return (f"the window ({window}) lets {engine.id} run about {share:.0f} sequences in its busiest stage though its "
+            f"KV cache holds about {capacity}; a larger --window (about {math.ceil(window * capacity / share)}) "
+            "would raise its batch")
 
 
 def _token_counts(recipe: Recipe, plan: Plan, workload: Workload, engines: list[EngineForecast]) -> list[StageForecast]:

@@ -1,10 +1,11 @@
 """CPU calibration: each engine of a recipe measured once on this machine, stored, and turned into engine speeds.
 
 ``moa-local plan --recipe R --calibrate`` starts the recipe's engines exactly as `run` would (the plan's cores, KV
-cache and options), then times short fixed batches on every engine of a phase at once (as they run in a job): a
-prefill of PREFILL_BATCH prompts of two lengths, and decodes of NEW_TOKENS tokens at the batch sizes in BATCHES,
-for both prompt lengths and every sampling mode the recipe's roles on that engine use (greedy, sampling, top-p:
-top-p sorts the vocabulary each step, which on a CPU costs as much as the model). The points are fitted to
+cache and options), then times short fixed batches on every engine of a phase at once (as they run in a job). For
+each shape in SHAPES (a batch of prompts of a length): the batch with ``max_tokens`` 1 (its prefill), then the same
+batch generating NEW_TOKENS tokens (``ignore_eos``) in every sampling mode the recipe's roles on that engine use
+(greedy, sampling, top-p: top-p sorts the vocabulary each step, which on a CPU costs as much as the model). A
+decode point's steps are its time less its shape's prefill time. The points are fitted to
 
     decode step = a + b_mode x batch + c x context tokens held      prefill = alpha x tokens + beta x tokens^2
 
@@ -34,17 +35,12 @@ from moa_local.placement.throughput import CalibratedSpeed, Mode, sampling_mode
 FORMAT = 1
 """Version of the stored file."""
 
-BATCHES = (1, 8, 32)
-"""Decode batch sizes measured."""
+SHAPES = ((1, 48), (8, 48), (32, 48), (1, 320), (8, 320))
+"""(batch, approximate prompt tokens) measured: layer-1 questions at three batch sizes, later layers' longer
+prompts (the references) at two."""
 
-PROMPT_LENGTHS = (48, 640)
-"""Approximate prompt tokens of the short and the long measurements (a layer-1 question; a later layer's prompt)."""
-
-NEW_TOKENS = 16
+NEW_TOKENS = 32
 """Tokens generated per decode measurement (ignore_eos)."""
-
-PREFILL_BATCH = 8
-"""Prompts per prefill measurement."""
 
 _FILLER = ["the", "model", "reads", "a", "long", "prompt", "about", "rivers", "mountains", "cities", "and", "old",
            "books", "then", "answers", "a", "question", "with", "care", "while", "the", "engine", "batches", "many",
@@ -225,11 +221,13 @@ def fit(points: Sequence[Point]) -> dict[str, Any]:
     pre = [p for p in points if p.kind == "prefill"]
     if not pre:
         raise ValueError("no prefill points")
-    alpha, beta = _solve([[p.batch * p.prompt_tokens, p.batch * p.prompt_tokens ** 2] for p in pre],
-                         [p.seconds for p in pre])
+    _, alpha, beta = _solve([[1.0, p.batch * p.prompt_tokens, p.batch * p.prompt_tokens ** 2] for p in pre],
+                            [p.seconds for p in pre])
 
     def prefill(p: Point) -> float:
-        return alpha * p.batch * p.prompt_tokens + beta * p.batch * p.prompt_tokens ** 2
+        """The measured prefill of the same shape (same batch, nearest prompt length)."""
+        same = [q for q in pre if q.batch == p.batch] or pre
+        return min(same, key=lambda q: abs(q.prompt_tokens - p.prompt_tokens)).seconds
 
     decode = [p for p in points if p.kind == "decode" and p.longest > 1]
     modes = sorted({p.mode for p in decode})
@@ -313,12 +311,12 @@ def measure(recipe: Recipe, plan: Plan, *, log: Callable[[str], None] | None = N
                                             seconds=round(seconds, 4)))
                         say(f"{engine.id} {kind} {_m} batch {batch} x ~{words * 5 // 4} tokens: {seconds:.2f} s")
 
-                    timed("warmup", 2, 8, 4)
-                    for length in PROMPT_LENGTHS:
-                        timed("prefill", PREFILL_BATCH, length * 4 // 5, 1)
-                    for batch in BATCHES:
-                        for length in PROMPT_LENGTHS:
-                            timed("decode", batch, length * 4 // 5, NEW_TOKENS)
+                    if not points:
+                        timed("warmup", 2, 8, 4)
+                        for batch, length in SHAPES:
+                            timed("prefill", batch, length * 4 // 5, 1)
+                    for batch, length in SHAPES:
+                        timed("decode", batch, length * 4 // 5, NEW_TOKENS)
                 results[engine.id] = [p for p in points if p.kind != "warmup"]
 
             def guarded(engine: EnginePlacement) -> None:

@@ -514,6 +514,7 @@ def _window_note(recipe: Recipe, plan: Plan, stages: list[StageForecast], engine
     roles = [r for r in [*recipe.proposer_roles(), recipe.aggregator_role()] if r.model == engine.id]
     per_conversation = max(1, sum(1 for r in roles if r.name != recipe.aggregator_role().name)) \
         if busiest.stage <= recipe.layers else 1
+    capacity = min(capacity, busiest.requests)
     if schedule == "stage":
         step = next((x for x in plan.schedule if x.layer == busiest.stage and x.phase == busiest.phase), None)
         share = window * per_conversation / max(1, len(step.roles) if step else 1)

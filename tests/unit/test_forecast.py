@@ -130,13 +130,17 @@ def test_sampling_modes() -> None:
 
 
 def _points(a: float, b: dict[str, float], c: float, alpha: float, beta: float) -> list[Point]:
-    points = [Point("prefill", "greedy", 8, p, 1, 1, 8 * (alpha * p + beta * p * p)) for p in (50, 600)]
+    shapes = [(1, 50), (8, 50), (32, 50), (1, 600), (8, 600)]
+
+    def prefill(batch: int, p: int) -> float:
+        return 0.05 + batch * (alpha * p + beta * p * p)
+
+    points = [Point("prefill", "greedy", batch, p, 1, 1, prefill(batch, p)) for batch, p in shapes]
     for mode, per_seq in b.items():
-        for batch in (1, 8, 32):
-            for p in (50, 600):
-                steps = 15
-                step = a + per_seq * batch + c * batch * (p + steps / 2)
-                points.append(Point("decode", mode, batch, p, 16, 16, 8 * 0 + batch * (alpha * p + beta * p * p) + steps * step))
+        for batch, p in shapes:
+            steps = 31
+            step = a + per_seq * batch + c * batch * (p + steps / 2)
+            points.append(Point("decode", mode, batch, p, 32, 32, prefill(batch, p) + steps * step))
     return points
 
 
@@ -150,7 +154,7 @@ def test_fit_recovers_known_coefficients() -> None:
 
 def test_fit_never_returns_negative_coefficients() -> None:
     points = _points(0.02, {"greedy": 0.002}, 0.0, 2e-4, 0.0)
-    points = [p if p.kind != "decode" or p.batch != 32 else Point(**{**p.__dict__, "seconds": p.seconds * 0.7}) for p in points]
+    points = [p if p.kind != "decode" or p.batch != 32 else Point(**{**p.__dict__, "seconds": p.seconds * 0.5}) for p in points]
     got = fit(points)
     assert min(got["step_base_s"], got["step_per_context_s"], *got["step_per_seq_s"].values()) >= 0
 
@@ -346,3 +350,14 @@ def test_plan_renders_the_forecast_and_refuses_job_options_without_a_job() -> No
     assert "Forecast: 10 conversations" in r.stdout and "bottleneck" in r.stdout and "GPU-hours" in r.stdout
     r = _cli("plan", "--recipe", "moa", "--prompt-tokens", "5")
     assert r.returncode == 2 and "--prompts" in r.stderr
+
+
+def test_a_window_smaller_than_the_bottleneck_can_hold_is_pointed_out() -> None:
+    recipe = load_recipe("fake")
+    plan = cpu_plan(recipe)
+    speeds = {m: FixedSpeed(step=0.01) for m in recipe.model_ids()}
+    narrow = forecast(recipe, plan, workload_of(recipe, 64), speeds=speeds, window=2)
+    assert any("larger --window" in n for n in narrow.notes)
+    wide = forecast(recipe, plan, workload_of(recipe, 64), speeds=speeds, window=64)
+    assert not any("larger --window" in n for n in wide.notes)
+    assert wide.run_s is not None and narrow.run_s is not None and wide.run_s < narrow.run_s / 4

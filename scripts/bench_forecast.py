@@ -50,6 +50,56 @@ def write_input(path: Path, n: int) -> Path:
 # -- measure ----------------------------------------------------------------------------------------------------
 
 
+def reforecast(args: argparse.Namespace) -> None:
+    """The forecasts of an earlier `measure` (its --json and --out folder) again, with this code and this machine's
+    current calibration: forecasts are pure, so only the measured columns need the engines."""
+    from moa_local.config import load_recipe
+    from moa_local.placement import build_hardware, plan_recipe
+    from moa_local.placement.forecast import forecast_job
+
+    data = json.loads(Path(args.json).read_text())
+    recipe = load_recipe(args.recipe).model_copy(update={"backend": "vllm"})
+    plan = plan_recipe(recipe, build_hardware(), backend="vllm")
+    out = Path(args.out)
+    rows = data["rows"]
+    pilot = out / f"out_{min(r['prompts'] for r in rows)}_flow.jsonl"
+    for r in rows:
+        source, target = out / f"in_{r['prompts']}.jsonl", out / f"out_{r['prompts']}_{r['schedule']}.jsonl"
+        r["forecast_bound_s"] = forecast_job(recipe, plan, input=source, schedule=r["schedule"]).run_s
+        r["forecast_pilot_s"] = (forecast_job(recipe, plan, input=source, schedule=r["schedule"], outputs_from=pilot).run_s
+                                 if target != pilot else None)
+        own = forecast_job(recipe, plan, input=source, schedule=r["schedule"], outputs_from=target)
+        r["forecast_own_outputs_s"], r["forecast_engine_s"] = own.run_s, own.engine_seconds
+        r["forecast_bottleneck"] = own.bottleneck
+    report(rows, recipe.name, data.get("hardware", ""), data.get("loaded_s", 0.0), args.json_out)
+
+
+def report(rows: list[dict[str, Any]], recipe: str, hardware: str, loaded: float, path: str | None) -> None:
+    def err(f: float | None, m: float) -> str:
+        return f"{f:,.1f} ({100 * (f - m) / m:+.0f}%)" if f is not None else "-"
+
+    print(f"\n# recipe {recipe}, vLLM, {hardware}; engines up in {loaded:.0f} s\n")
+    print("| prompts | schedule | measured s | forecast: max_tokens bound | forecast: pilot outputs | "
+          "forecast: own outputs (post hoc) | busy s measured / forecast | load average |")
+    print("|---:|---|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        m = r["measured_wall_s"]
+        busy = ", ".join(f"{k.split('-')[0]} {v:.0f}/{r['forecast_engine_s'][k]:.0f}"
+                         for k, v in r["measured_busy_s"].items())
+        print(f"| {r['prompts']} | {r['schedule']} | {m:,.1f} | {err(r['forecast_bound_s'], m)} | "
+              f"{err(r['forecast_pilot_s'], m)} | {err(r['forecast_own_outputs_s'], m)} | {busy} | "
+              f"{r.get('load_average', '')} |")
+    piloted = [abs(r["forecast_pilot_s"] - r["measured_wall_s"]) / r["measured_wall_s"]
+               for r in rows if r["forecast_pilot_s"] is not None]
+    final = {"rows": len(rows), "worst_pilot_error": round(max(piloted), 3) if piloted else None,
+             "worst_own_outputs_error": round(max(abs(r["forecast_own_outputs_s"] - r["measured_wall_s"])
+                                                  / r["measured_wall_s"] for r in rows), 3)}
+    if path:
+        Path(path).write_text(json.dumps({"rows": rows, "recipe": recipe, "hardware": hardware, "loaded_s": loaded,
+                                          **final}, indent=2) + "\n")
+    print("\n" + json.dumps(final))
+
+
 def measure(args: argparse.Namespace) -> None:
     from moa_local.api import MoA, load
     from moa_local.batch import prepare_batch, run_batch
@@ -112,26 +162,7 @@ def measure(args: argparse.Namespace) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    def err(f: float | None, m: float) -> str:
-        return f"{f:,.1f} ({100 * (f - m) / m:+.0f}%)" if f is not None else "-"
-
-    print(f"\n# recipe {recipe.name}, vLLM, {hardware.describe()}; engines up in {loaded:.0f} s\n")
-    print("| prompts | schedule | measured s | forecast: max_tokens bound | forecast: pilot outputs | "
-          "forecast: own outputs (post hoc) | busy s measured / forecast |")
-    print("|---:|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        m = r["measured_wall_s"]
-        busy = ", ".join(f"{k.split('-')[0]} {v:.0f}/{r['forecast_engine_s'][k]:.0f}" for k, v in r["measured_busy_s"].items())
-        print(f"| {r['prompts']} | {r['schedule']} | {m:,.1f} | {err(r['forecast_bound_s'], m)} | "
-              f"{err(r['forecast_pilot_s'], m)} | {err(r['forecast_own_outputs_s'], m)} | {busy} |")
-    worst = max(abs(r["forecast_pilot_s"] - r["measured_wall_s"]) / r["measured_wall_s"]
-                for r in rows if r["forecast_pilot_s"] is not None) if len(rows) > len(schedules) else None
-    final = {"rows": len(rows), "worst_pilot_error": round(worst, 3) if worst is not None else None,
-             "worst_own_outputs_error": round(max(abs(r["forecast_own_outputs_s"] - r["measured_wall_s"])
-                                                  / r["measured_wall_s"] for r in rows), 3)}
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, **final}, indent=2) + "\n")
-    print("\n" + json.dumps(final))
+    report(rows, recipe.name, hardware.describe(), loaded, args.json)
 
 
 # -- on paper ---------------------------------------------------------------------------------------------------
@@ -178,8 +209,27 @@ def paper(args: argparse.Namespace) -> None:
                         print(f"| {name} | {gpus} | {precision} | {len(plan.phases)} | {fc.schedule} | {label} | "
                               f"{fc.wall_s / 3600:.1f} h | {fc.gpu_hours:,.0f} | {b.id} ({(b.engine_seconds or 0) / 3600:.1f} h, "
                               f"{b.mean_batch or 0:.1f}) | {generated / fc.run_s:,.0f} |")
-                        results.append({"recipe": name, "gpus": gpus, "precision": precision, "outputs": outputs,
-                                        **{k: v for k, v in fc.to_dict().items() if k not in ("workload", "stages")}})
+                        results.append({**{k: v for k, v in fc.to_dict().items() if k not in ("workload", "stages")},
+                                        "recipe": name, "cards": gpus, "precision": precision, "outputs": outputs,
+                                        "tp": {e.id: e.tensor_parallel_size for e in plan.models}})
+    print("\nPer engine, AlpacaEval-length outputs: generated tokens per busy second in the MoA job, against published "
+          "vLLM throughput of the same model on the same cards (ShareGPT, one model alone; docs/forecast.md)\n")
+    print("| recipe | GPUs | engine | TP | mean batch | prompt tokens / request | generated tok/s while busy | "
+          "published tok/s (same model, same cards) |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    published_rates = {("llama-3-70b-instruct", "8xH100-80GB"): "3,700.6 (Llama-3.1-70B, 4xH100, 5,000 prompts)",
+                       ("llama-3-70b-instruct", "8xA100-80GB"): "1,196.0 (Llama-3-70B, 4xA100, 320 prompts)",
+                       ("mixtral-8x22b-instruct", "8xH100-80GB"): "1,190.4 (4xH100, 320 prompts)",
+                       ("mixtral-8x22b-instruct", "8xA100-80GB"): "715.4 (4xA100, 320 prompts)"}
+    for r in results:
+        if r["outputs"] != "reference" or r["precision"] != "bf16":
+            continue
+        for e in r["engines"]:
+            if not e["engine_seconds"]:
+                continue
+            print(f"| {r['recipe']} | {r['cards']} | {e['id']} | {r['tp'][e['id']]} | {e['mean_batch']:.1f} | "
+                  f"{e['prefill_tokens'] / e['requests']:,.0f} | {e['generated_tokens'] / e['engine_seconds']:,.0f} | "
+                  f"{published_rates.get((e['id'], r['cards']), '-')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -267,8 +317,13 @@ def main() -> None:
     p.add_argument("--price", type=float, default=None, help="per GPU-hour")
     p.add_argument("--json", default=None)
     sub.add_parser("published", help="the throughput model against published vLLM measurements")
+    r = sub.add_parser("reforecast", help="an earlier measure's forecasts again (this code, this calibration)")
+    r.add_argument("--recipe", default="tiny")
+    r.add_argument("--out", default="/tmp/bench_forecast", help="the measure run's folder")
+    r.add_argument("--json", required=True, help="the measure run's --json")
+    r.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    {"measure": measure, "paper": paper, "published": published}[args.command](args)
+    {"measure": measure, "paper": paper, "published": published, "reforecast": reforecast}[args.command](args)
     sys.stdout.flush()
 
 

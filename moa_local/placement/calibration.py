@@ -5,7 +5,8 @@ cache and options), then times short fixed batches on every engine of a phase at
 each shape in SHAPES (a batch of prompts of a length): the batch with ``max_tokens`` 1 (its prefill), then the same
 batch generating NEW_TOKENS tokens (``ignore_eos``) in every sampling mode the recipe's roles on that engine use
 (greedy, sampling, top-p: top-p sorts the vocabulary each step, which on a CPU costs as much as the model). A
-decode point's steps are its time less its shape's prefill time. The points are fitted to
+decode point's step time is read from the streamed tokens while the whole batch decodes (else its time less its
+shape's prefill time). The points are fitted to
 
     decode step = a + b_mode x batch + c x context tokens held      prefill = alpha x tokens + beta x tokens^2
 
@@ -65,6 +66,8 @@ class Point:
     longest: int
     """Most tokens one request generated (the decode steps the batch ran, plus its first)."""
     seconds: float
+    step_seconds: float | None = None
+    """Decode points: a decode step's seconds read from the streamed tokens (step_from_stamps), when measurable."""
 
 
 @dataclass(frozen=True)
@@ -234,10 +237,13 @@ def fit(points: Sequence[Point]) -> dict[str, Any]:
     rows, ys = [], []
     for p in decode:
         steps = p.longest - 1
-        batch = p.batch * (p.new_tokens - 1) / steps  # sequences that stop early shrink the batch
+        if p.step_seconds is not None:  # read from the token stream while the whole batch decoded
+            batch, y = float(p.batch), p.step_seconds
+        else:  # the run's time less its shape's prefill; sequences that stop early shrink the batch
+            batch, y = p.batch * (p.new_tokens - 1) / steps, max(0.0, p.seconds - prefill(p)) / steps
         context = batch * (p.prompt_tokens + steps / 2)
         rows.append([1.0, *[batch if m == p.mode else 0.0 for m in modes], context])
-        ys.append(max(0.0, p.seconds - prefill(p)) / steps)
+        ys.append(y)
     coef = _solve(rows, ys) if rows else [0.0] * (len(modes) + 2)
     worst = max((abs(sum(c * x for c, x in zip(coef, r, strict=True)) - y) / y
                  for r, y in zip(rows, ys, strict=True) if y > 0), default=0.0)
@@ -262,12 +268,55 @@ def _modes(recipe: Recipe, model: str) -> dict[Mode, Sampling]:
     return out
 
 
+def step_from_stamps(stamps: Sequence[Sequence[float]]) -> float | None:
+    """A decode step's seconds from the arrival times of every request's streamed tokens: the median gap between a
+    request's consecutive tokens while every request of the batch is decoding (after the last one's first token,
+    before the first one's last), so neither the prefill nor a shrinking batch is counted. None when no such span."""
+    if not stamps or any(len(t) < 2 for t in stamps):
+        return None
+    begin = max(t[0] for t in stamps)
+    end = min(t[-1] for t in stamps)
+    gaps = sorted(b - a for t in stamps for a, b in zip(t, t[1:], strict=False) if a >= begin and b <= end)
+    if len(gaps) < 3:
+        return None
+    return gaps[len(gaps) // 2]
+
+
+def _run_batch(runner: Any, model: str, requests: Sequence[Any]) -> tuple[float, list[Any], list[list[float]]]:
+    """Submit ``requests`` at once (streamed), wait for all: (seconds, generations, token arrival times each)."""
+    import threading
+
+    stamps: list[list[float]] = [[] for _ in requests]
+    results: list[Any] = [None] * len(requests)
+    left = [len(requests)]
+    lock, finished = threading.Lock(), threading.Event()
+
+    def submit(i: int) -> None:
+        def on_delta(_text: str) -> None:
+            stamps[i].append(time.perf_counter())
+
+        def on_done(gen: Any) -> None:
+            with lock:
+                results[i] = gen
+                left[0] -= 1
+                if not left[0]:
+                    finished.set()
+
+        runner.submit(model, requests[i], on_done=on_done, on_delta=on_delta)
+
+    began = time.perf_counter()
+    for i in range(len(requests)):
+        submit(i)
+    finished.wait()
+    return time.perf_counter() - began, results, stamps
+
+
 def measure(recipe: Recipe, plan: Plan, *, log: Callable[[str], None] | None = None) -> Calibration:
     """Start the plan's engines (backend vLLM) and time every engine's points, a phase at a time, the engines of a
     phase concurrently. Raises PlacementError / EngineStartError as `run` would."""
     import threading
 
-    from moa_local.engines.base import Request, wait_all
+    from moa_local.engines.base import Request
     from moa_local.placement.phases import start_runner
 
     if plan.device != "cpu":
@@ -284,48 +333,46 @@ def measure(recipe: Recipe, plan: Plan, *, log: Callable[[str], None] | None = N
     results: dict[str, list[Point]] = {}
     errors: list[BaseException] = []
     counter = itertools.count()
+
+    def timed(runner: Any, engine: str, kind: str, mode: str, sampling: Sampling, batch: int, words: int,
+              new: int) -> Point:
+        base = next(counter) * 1000
+        s = sampling.model_copy(update={"max_tokens": new, "ignore_eos": True, "seed": None})
+        requests = [Request(messages=[{"role": "user", "content": _prompt(base + i, words)}], sampling=s)
+                    for i in range(batch)]
+        seconds, gens, stamps = _run_batch(runner, engine, requests)
+        bad = [g.error for g in gens if not g.ok]
+        if bad:
+            raise InputError(f"calibrating '{engine}' failed: {bad[0]}")
+        step = step_from_stamps(stamps) if kind == "decode" else None
+        point = Point(kind=kind, mode=mode, batch=batch, prompt_tokens=sum(g.usage.prompt_tokens for g in gens) / batch,
+                      new_tokens=sum(g.usage.completion_tokens for g in gens) / batch,
+                      longest=max(g.usage.completion_tokens for g in gens), seconds=round(seconds, 4),
+                      step_seconds=round(step, 5) if step is not None else None)
+        say(f"{engine} {kind} {mode} batch {batch} x {point.prompt_tokens:.0f} tokens: {seconds:.2f} s"
+            + (f", {step * 1000:.0f} ms per step" if step is not None else ""))
+        return point
+
+    def run(runner: Any, engine: EnginePlacement) -> None:
+        points: list[Point] = []
+        for mode, sampling in _modes(recipe, engine.id).items():
+            if not points:
+                timed(runner, engine.id, "warmup", mode, sampling, 2, 8, 4)
+                points += [timed(runner, engine.id, "prefill", mode, sampling, b, n * 4 // 5, 1) for b, n in SHAPES]
+            points += [timed(runner, engine.id, "decode", mode, sampling, b, n * 4 // 5, NEW_TOKENS) for b, n in SHAPES]
+        results[engine.id] = points
+
+    def guarded(runner: Any, engine: EnginePlacement) -> None:
+        try:
+            run(runner, engine)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
+            errors.append(exc)
+
     runner = start_runner(recipe, plan, backend="vllm", log=say)
     try:
         for phase in range(len(plan.phases)):
-            engines = [e for e in plan.models if e.phase == phase]
-
-            def run(engine: EnginePlacement) -> None:
-                points: list[Point] = []
-                for mode, sampling in _modes(recipe, engine.id).items():
-                    def timed(kind: str, batch: int, words: int, new: int, _s: Sampling = sampling,
-                              _m: str = mode) -> None:
-                        base = next(counter) * 1000
-                        s = _s.model_copy(update={"max_tokens": new, "ignore_eos": True, "seed": None})
-                        requests = [Request(messages=[{"role": "user", "content": _prompt(base + i, words)}], sampling=s)
-                                    for i in range(batch)]
-                        began = time.perf_counter()
-                        gens = wait_all(lambda i, done: runner.submit(engine.id, requests[i], on_done=done), batch)
-                        seconds = time.perf_counter() - began
-                        bad = [g.error for g in gens if not g.ok]
-                        if bad:
-                            raise InputError(f"calibrating '{engine.id}' failed: {bad[0]}")
-                        points.append(Point(kind=kind, mode=_m, batch=batch,
-                                            prompt_tokens=sum(g.usage.prompt_tokens for g in gens) / batch,
-                                            new_tokens=sum(g.usage.completion_tokens for g in gens) / batch,
-                                            longest=max(g.usage.completion_tokens for g in gens),
-                                            seconds=round(seconds, 4)))
-                        say(f"{engine.id} {kind} {_m} batch {batch} x ~{words * 5 // 4} tokens: {seconds:.2f} s")
-
-                    if not points:
-                        timed("warmup", 2, 8, 4)
-                        for batch, length in SHAPES:
-                            timed("prefill", batch, length * 4 // 5, 1)
-                    for batch, length in SHAPES:
-                        timed("decode", batch, length * 4 // 5, NEW_TOKENS)
-                results[engine.id] = [p for p in points if p.kind != "warmup"]
-
-            def guarded(engine: EnginePlacement) -> None:
-                try:
-                    run(engine)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=guarded, args=(e,), name=f"calibrate-{e.id}") for e in engines]
+            threads = [threading.Thread(target=guarded, args=(runner, e), name=f"calibrate-{e.id}")
+                       for e in plan.models if e.phase == phase]
             for t in threads:
                 t.start()
             for t in threads:

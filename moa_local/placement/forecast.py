@@ -289,18 +289,19 @@ class _Play:
         self.aggregator = recipe.aggregator_role()
         self.roles = {str(r.name): r for r in [*self.proposers, self.aggregator]}
 
-    def request(self, conversation: int, stage: int, role: Role, references: float) -> _Request:
+    def request(self, conversation: int, stage: int, role: Role) -> _Request:
         name = str(role.name)
         prompt = self.workload.base(name, conversation)
         if stage > 1:
-            prompt += int(self.workload.reference_overhead[name] + references)
-        return _Request(conversation, stage, name, prompt, self.workload.output(stage, name), sampling_mode(role.sampling))
+            prompt += int(self.workload.reference_overhead[name] + self.references(conversation, stage))
+        return _Request(conversation, stage, name, prompt, self.workload.output_of(stage, name, conversation),
+                        sampling_mode(role.sampling))
 
-    def references(self, stage: int) -> float:
+    def references(self, conversation: int, stage: int) -> float:
         """Tokens of the references a request of ``stage`` reads: every proposer's answer of the stage before."""
         if stage <= 1:
             return 0.0
-        return sum(self.workload.output(stage - 1, str(r.name)) for r in self.proposers)
+        return sum(self.workload.output_of(stage - 1, str(r.name), conversation) for r in self.proposers)
 
     def _loop(self, engines: dict[str, _Engine], on_done: Callable[[_Request], None], t: float = 0.0) -> float:
         while True:
@@ -336,9 +337,8 @@ class _Play:
         def start(conversation: int, stage: int) -> None:
             roles = self.proposers if stage < last else [self.aggregator]
             pending[conversation] = len(roles)
-            refs = self.references(stage)
             for role in roles:
-                engines[role.model].waiting.append(self.request(conversation, stage, role, refs))
+                engines[role.model].waiting.append(self.request(conversation, stage, role))
 
         def admit() -> None:
             while admitted[0] < n and len(pending) < window:
@@ -379,7 +379,6 @@ class _StepFeeder:
         self.play, self.engines, self.layer, self.window = play, engines, step.layer, window
         roles = [play.roles[name] for name in step.roles]
         self.todo = iter([(c, role) for c in range(n) for role in roles])
-        self.references = play.references(step.layer)
         self.in_flight = 0
 
     def feed(self) -> None:
@@ -388,7 +387,7 @@ class _StepFeeder:
             if item is None:
                 return
             c, role = item
-            self.engines[role.model].waiting.append(self.play.request(c, self.layer, role, self.references))
+            self.engines[role.model].waiting.append(self.play.request(c, self.layer, role))
             self.in_flight += 1
 
     def done(self, _request: _Request) -> None:

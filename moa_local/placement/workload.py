@@ -55,13 +55,26 @@ class Workload:
     prompt_source: str
     output_source: str
     notes: list[str] = field(default_factory=list)
+    output_samples: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    """(stage, role name) -> the lengths a previous run measured, replayed one per conversation (answers of
+    different lengths finish at different times); empty: every request writes the mean."""
 
     def base(self, role: str, conversation: int) -> int:
         lengths = self.base_tokens[role]
         return lengths[conversation % len(lengths)]
 
     def output(self, stage: int, role: str) -> float:
+        """Mean generated tokens of a request."""
         return self.outputs[(stage, role)]
+
+    def output_of(self, stage: int, role: str, conversation: int) -> float:
+        """Generated tokens of this conversation's request: a measured length when there are samples (each role
+        walks them with its own offset, so one conversation's roles are not all long or all short), else the mean."""
+        samples = self.output_samples.get((stage, role))
+        if not samples:
+            return self.outputs[(stage, role)]
+        offset = sum(map(ord, role)) * 7 + stage * 13
+        return float(samples[(conversation * 7919 + offset) % len(samples)])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -256,9 +269,11 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{path}: line {number} is not JSON; give a batch output JSONL or a --trace file") from None
 
 
-def measured_outputs(recipe: Recipe, path: Path) -> tuple[dict[tuple[int, str], float], str]:
-    """Mean generated tokens per (stage, role) from a previous run: per role from traces (a ``--trace`` file, or
-    batch lines written with --trace), else each line's total split over the roles in proportion to max_tokens."""
+def measured_outputs(recipe: Recipe, path: Path) -> tuple[dict[tuple[int, str], float], str,
+                                                         dict[tuple[int, str], list[int]]]:
+    """Mean generated tokens per (stage, role) from a previous run, a description, and the measured lengths per
+    (stage, role): per role from traces (a ``--trace`` file, or batch lines written with --trace), else each line's
+    total split over the roles in proportion to max_tokens (no lengths then)."""
     if not path.is_file():
         raise InputError(f"--outputs-from {path} does not exist; give a batch output JSONL or a --trace file")
     agg = str(recipe.aggregator_role().name)
@@ -286,13 +301,13 @@ def measured_outputs(recipe: Recipe, path: Path) -> tuple[dict[tuple[int, str], 
         for k in missing:
             out[k] = bound[k]
         note = f"; {len(missing)} role(s) not in it at max_tokens" if missing else ""
-        return out, f"measured means per role from {path.name}{note}"
+        return out, f"measured per role in {path.name}{note}", {k: v for k, v in per_role.items() if k in bound}
     if not totals:
         raise InputError(f"{path} holds no successful records with usage; give a batch output JSONL or a --trace file")
     factor = (sum(totals) / len(totals)) / sum(bound.values())
     return ({k: v * min(1.0, factor) for k, v in bound.items()},
             f"measured mean per conversation from {path.name} ({sum(totals) / len(totals):.0f} tokens), split "
-            "over the roles in proportion to max_tokens")
+            "over the roles in proportion to max_tokens", {})
 
 
 def bound_outputs(recipe: Recipe) -> dict[tuple[int, str], float]:
@@ -328,9 +343,10 @@ def build_workload(recipe: Recipe, *, prompts: int | None = None, input: Path | 
     n = prompts if prompts is not None else total
     if n < 1:
         raise InputError(f"--prompts must be at least 1, got {n}")
+    samples: dict[tuple[int, str], list[int]] = {}
     if outputs_from is not None:
-        outputs, out_source = measured_outputs(recipe, outputs_from)
+        outputs, out_source, samples = measured_outputs(recipe, outputs_from)
     else:
         outputs, out_source = bound_outputs(recipe), "max_tokens of each role (the bound: answers may stop sooner)"
     return Workload(conversations=n, base_tokens=base, reference_overhead=overhead, outputs=outputs,
-                    prompt_source=source, output_source=out_source, notes=notes)
+                    prompt_source=source, output_source=out_source, notes=notes, output_samples=samples)

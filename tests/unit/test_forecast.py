@@ -219,14 +219,28 @@ def test_outputs_measured_per_role_from_traces_and_split_from_totals(tmp_path: P
         "aggregator": response("aggregator", 20)}} for i in range(2)]
     lines.append({"id": 9, "error": "boom", "usage": {"completion_tokens": 999}})
     traced.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    outputs, source = measured_outputs(recipe, traced)
+    outputs, source, samples = measured_outputs(recipe, traced)
     assert outputs[(1, "smollm2")] == 10.5 and outputs[(2, "gemma3")] == 30 and outputs[(3, "aggregator")] == 20
-    assert "per role" in source
+    assert "per role" in source and samples[(1, "smollm2")] == [10, 11]
 
     totals = tmp_path / "plain.jsonl"
     totals.write_text('{"id": 1, "error": null, "usage": {"completion_tokens": 96}}\n')
-    outputs, source = measured_outputs(recipe, totals)
-    assert sum(outputs.values()) == pytest.approx(96) and "proportion" in source
+    outputs, source, samples = measured_outputs(recipe, totals)
+    assert sum(outputs.values()) == pytest.approx(96) and "proportion" in source and samples == {}
+
+
+def test_measured_lengths_are_replayed_and_let_the_flow_overlap_stages() -> None:
+    """Answers of different lengths finish at different times, so under flow a conversation's next stage starts
+    while others still write: the same mean lengths, spread out, finish sooner than all alike at the mean."""
+    recipe = load_recipe("fake")
+    plan = cpu_plan(recipe)
+    speeds = {m: FixedSpeed(step=1.0) for m in recipe.model_ids()}
+    same = workload_of(recipe, 16)
+    spread = Workload(**{**same.__dict__, "output_samples": {k: [8, 120] for k in same.outputs}})
+    assert sorted({spread.output_of(1, "gemma3", c) for c in range(16)}) == [8, 120]
+    alike = forecast(recipe, plan, same, speeds=speeds, window=16)
+    varied = forecast(recipe, plan, spread, speeds=speeds, window=16)
+    assert alike.run_s is not None and varied.run_s is not None and varied.run_s < 3 * 120
 
 
 # -- the simulation ---------------------------------------------------------------------------------------------
@@ -361,3 +375,13 @@ def test_a_window_smaller_than_the_bottleneck_can_hold_is_pointed_out() -> None:
     wide = forecast(recipe, plan, workload_of(recipe, 64), speeds=speeds, window=64)
     assert not any("larger --window" in n for n in wide.notes)
     assert wide.run_s is not None and narrow.run_s is not None and wide.run_s < narrow.run_s / 4
+
+
+def test_decode_step_read_from_the_token_stream_ignores_prefill_and_the_tail() -> None:
+    from moa_local.placement.calibration import step_from_stamps
+
+    # three requests start decoding 0.5 s apart (prefills), then a token every 0.1 s; the first finishes early
+    stamps = [[i * 0.5 + k * 0.1 for k in range(20 - 3 * i)] for i in range(3)]
+    stamps[0] = stamps[0][:1] + [t + 0.7 for t in stamps[0][1:]]  # a long first gap (its prefill) is ignored
+    assert step_from_stamps(stamps) == pytest.approx(0.1)
+    assert step_from_stamps([[0.0, 0.1], [5.0, 5.1]]) is None  # never all decoding at once

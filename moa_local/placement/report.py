@@ -126,11 +126,13 @@ def render_forecast(fc: Forecast) -> RenderableType:
         stages.add_column(col, justify="left" if col in ("stage", "engine") else "right")
     if fc.schedule == "stage":
         stages.add_column("step s", justify="right")
+        stages.add_column("swap in s", justify="right")
     for s in fc.stages:
         row = [_stage_name(s.stage, layers), s.engine, str(s.phase), f"{s.requests:,}", f"{s.prefill_tokens:,}",
                f"{s.generated_tokens:,}", f"{s.engine_seconds:,.0f}" if s.engine_seconds is not None else "-"]
         if fc.schedule == "stage":
             row.append(f"{s.step_seconds:,.0f}" if s.step_seconds is not None else "-")
+            row.append(f"{s.swap_in_s:,.0f}" if s.swap_in_s else "")
         stages.add_row(*row)
     engines = Table(title="Per engine", title_justify="left")
     for col in ("engine", "requests", "prefill tokens", "generated tokens", "engine-s", "mean batch", "speed"):

@@ -385,3 +385,13 @@ def test_decode_step_read_from_the_token_stream_ignores_prefill_and_the_tail() -
     stamps[0] = stamps[0][:1] + [t + 0.7 for t in stamps[0][1:]]  # a long first gap (its prefill) is ignored
     assert step_from_stamps(stamps) == pytest.approx(0.1)
     assert step_from_stamps([[0.0, 0.1], [5.0, 5.1]]) is None  # never all decoding at once
+
+
+def test_stage_rows_carry_the_swap_into_their_phase() -> None:
+    recipe = load_recipe("moa")
+    hardware = hw("8xH100-80GB")
+    plan = plan_recipe(recipe, hardware, backend="vllm")
+    fc = forecast(recipe, plan, workload_of(recipe, 20, prompt=60), hardware=hardware)
+    swaps = {(s.stage, s.phase): s.swap_in_s for s in fc.stages}
+    assert sum(swaps.values()) == pytest.approx(plan.switch_s, abs=0.5)
+    assert swaps[(1, plan.schedule[0].phase)] == 0.0

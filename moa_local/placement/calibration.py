@@ -2,8 +2,8 @@
 
 ``moa-local plan --recipe R --calibrate`` starts the recipe's engines exactly as `run` would (the plan's cores, KV
 cache and options), then times short fixed batches on every engine of a phase at once (as they run in a job). For
-each shape in SHAPES (a batch of prompts of a length): the batch with ``max_tokens`` 1 (its prefill), then the same
-batch generating NEW_TOKENS tokens (``ignore_eos``) in every sampling mode the recipe's roles on that engine use
+shape (a batch of prompts of a length) the batch with ``max_tokens`` 1 (its prefill; PREFILL_SHAPES), and the batch
+generating NEW_TOKENS tokens (``ignore_eos``; DECODE_SHAPES) in every sampling mode the recipe's roles on that engine use
 (greedy, sampling, top-p: top-p sorts the vocabulary each step, which on a CPU costs as much as the model). A
 decode point's step time is read from the streamed tokens while the whole batch decodes (else its time less its
 shape's prefill time). The points are fitted to
@@ -36,9 +36,11 @@ from moa_local.placement.throughput import CalibratedSpeed, Mode, sampling_mode
 FORMAT = 1
 """Version of the stored file."""
 
-SHAPES = ((1, 48), (8, 48), (32, 48), (1, 320), (8, 320))
-"""(batch, approximate prompt tokens) measured: layer-1 questions at three batch sizes, later layers' longer
-prompts (the references) at two."""
+PREFILL_SHAPES = ((1, 48), (8, 48), (32, 48), (1, 320), (8, 320))
+"""(batch, approximate prompt tokens) prefilled: layer-1 questions and later layers' longer prompts (references)."""
+
+DECODE_SHAPES = ((1, 48), (8, 48), (32, 48), (1, 320), (8, 320), (32, 320))
+"""(batch, approximate prompt tokens) decoded: both prompt lengths up to the batch a job's busiest engine runs."""
 
 NEW_TOKENS = 32
 """Tokens generated per decode measurement (ignore_eos)."""
@@ -358,8 +360,10 @@ def measure(recipe: Recipe, plan: Plan, *, log: Callable[[str], None] | None = N
         for mode, sampling in _modes(recipe, engine.id).items():
             if not points:
                 timed(runner, engine.id, "warmup", mode, sampling, 2, 8, 4)
-                points += [timed(runner, engine.id, "prefill", mode, sampling, b, n * 4 // 5, 1) for b, n in SHAPES]
-            points += [timed(runner, engine.id, "decode", mode, sampling, b, n * 4 // 5, NEW_TOKENS) for b, n in SHAPES]
+                points += [timed(runner, engine.id, "prefill", mode, sampling, b, n * 4 // 5, 1)
+                           for b, n in PREFILL_SHAPES]
+            points += [timed(runner, engine.id, "decode", mode, sampling, b, n * 4 // 5, NEW_TOKENS)
+                       for b, n in DECODE_SHAPES]
         results[engine.id] = points
 
     def guarded(runner: Any, engine: EnginePlacement) -> None:

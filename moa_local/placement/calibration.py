@@ -1,7 +1,7 @@
 """CPU calibration: each engine of a recipe measured once on this machine, stored, and turned into engine speeds.
 
 ``moa-local plan --recipe R --calibrate`` starts the recipe's engines exactly as `run` would (the plan's cores, KV
-cache and options), then times short fixed batches on every engine of a phase at once (as they run in a job). For
+cache and options), then times short fixed batches on every engine of a phase at once (as they run in a job): for each
 shape (a batch of prompts of a length) the batch with ``max_tokens`` 1 (its prefill; PREFILL_SHAPES), and the batch
 generating NEW_TOKENS tokens (``ignore_eos``; DECODE_SHAPES) in every sampling mode the recipe's roles on that engine use
 (greedy, sampling, top-p: top-p sorts the vocabulary each step, which on a CPU costs as much as the model). A

@@ -284,16 +284,39 @@ def plan(
     cpu_memory: CpuMemoryOpt = None,
     cpu_cores: CpuCoresOpt = None,
     backend: BackendOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (keys models, phases, schedule, ...).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (keys models, phases, schedule, ...; "
+                                          "with a job, a 'forecast' object too).")] = False,
+    prompts: Annotated[int | None, typer.Option("--prompts", min=1, help="Forecast a batch job of N conversations "
+                                                "(default with --input: its lines).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Forecast this batch input JSONL: prompt lengths "
+                                               "from its prompts (the models' tokenizers where on disk).")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option("--prompt-tokens", min=1, help="Forecast: tokens per "
+                                                      "conversation without --input (default 256).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Override max_tokens for every role (the output bound).")] = None,
+    outputs_from: Annotated[Path | None, typer.Option("--outputs-from", help="Forecast: output lengths measured by a "
+                                                      "previous run (its output JSONL or --trace file).")] = None,
+    price_per_gpu_hour: Annotated[float | None, typer.Option("--price-per-gpu-hour", min=0, help="Forecast: the "
+                                                             "cost of one GPU-hour, for the job's cost.")] = None,
+    schedule: ScheduleOpt = None,
+    window: WindowOpt = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="CPU: measure this recipe's engines on this machine "
+                                            "first (a few minutes; needs vllm) and store it for forecasts.")] = False,
     launch: Annotated[bool, typer.Option("--launch", help="Print what will be started instead: per phase and engine, "
                                          "its environment (CUDA_VISIBLE_DEVICES, ...) and vLLM engine arguments.")] = False,
 ) -> None:
     """Plan a recipe's placement before anything loads: memory per model, GPUs or cores, phases, time estimate.
-    Needs neither torch nor vllm. A recipe that cannot fit exits with code 4 and the fix."""
+    With --prompts or --input, also forecast the batch job: tokens, engine-seconds, wall time, GPU-hours.
+    Needs neither torch nor vllm (except --calibrate). A recipe that cannot fit exits with code 4 and the fix."""
     from moa_local.config import load_recipe
+    from moa_local.config.recipe import override_sampling
     from moa_local.placement import build_hardware, plan_recipe, render_plan
+    from moa_local.placement.forecast import forecast_job
+    from moa_local.placement.report import render_forecast
 
-    rec = load_recipe(recipe)
+    if prompts is None and input is None and (prompt_tokens or outputs_from or price_per_gpu_hour is not None):
+        raise InputError("--prompt-tokens, --outputs-from and --price-per-gpu-hour describe a job: add --prompts N "
+                         "or --input FILE.jsonl")
+    rec = override_sampling(load_recipe(recipe), max_tokens=max_tokens)
     hardware = build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores)
     placed = plan_recipe(rec, hardware, backend=backend)
     if launch:
@@ -301,10 +324,25 @@ def plan(
 
         print_launch(rec, placed, as_json=as_json)
         return
+    if calibrate:
+        from moa_local.placement.calibration import calibrate as measure
+
+        _, path = measure(rec, placed, log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+        err.print(f"calibration stored in {path}", highlight=False)
+    job = None
+    if prompts is not None or input is not None:
+        job = forecast_job(rec, placed, hardware=hardware, prompts=prompts, input=input, prompt_tokens=prompt_tokens,
+                           outputs_from=outputs_from, schedule=_schedule(schedule), window=window,
+                           price_per_gpu_hour=price_per_gpu_hour)
     if as_json:
-        sys.stdout.write(placed.to_json() + "\n")
+        data = placed.to_dict()
+        if job is not None:
+            data["forecast"] = job.to_dict()
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     out.print(render_plan(placed))
+    if job is not None:
+        out.print(render_forecast(job))
 
 
 def _serve_help(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Renders a Plan for people: a rich table (model, params, weights, KV, GPUs, TP, phase) and a time estimate.
+"""Renders a Plan for people: a rich table (model, params, weights, KV, GPUs, TP, phase) and a time estimate; and a
+Forecast of a job on it (per stage and engine, per engine, the totals).
 
 Never computes placement (planner.py does) and never prints: callers hand the renderable to a rich Console.
 """
@@ -9,6 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from moa_local.placement.forecast import Forecast
 from moa_local.placement.plan import EnginePlacement, Plan
 
 _SWAP_WORDS = {
@@ -77,4 +79,72 @@ def render_plan(plan: Plan) -> RenderableType:
         order = " → ".join(f"{s.phase}" for s in plan.schedule)
         lines.append(Text(f"Phase order (layers, then aggregation): {order}", style="dim"))
     lines.extend(Text(note, style="dim") for note in plan.notes)
+    return Group(*lines)
+
+
+# -- forecasts (placement/forecast.py computes them) -------------------------------------------------------------
+
+
+def _hours(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _stage_name(stage: int, layers: int) -> str:
+    return f"layer {stage}" if stage <= layers else "aggregator"
+
+
+def forecast_summary(fc: Forecast) -> str:
+    """One line: wall time (load, run, swaps), GPU-hours and cost, the bottleneck. For `run`'s start and end."""
+    if fc.wall_s is None or fc.run_s is None:
+        return (f"Forecast for {fc.conversations:,} conversations: uncalibrated (token counts only); "
+                "run `moa-local plan --calibrate` once on this machine.")
+    line = (f"Forecast for {fc.conversations:,} conversations ({fc.schedule} schedule): wall ≈ {_hours(fc.wall_s)} "
+            f"(load {_hours(fc.load_s)}, run {_hours(fc.run_s)}")
+    if fc.swaps:
+        line += f" incl. {fc.swaps} swaps ≈ {_hours(fc.swap_s)}"
+    line += ")"
+    if fc.gpu_hours is not None:
+        line += f"; {fc.gpu_hours:,.1f} GPU-hours on {fc.gpus} GPUs"
+        if fc.cost is not None and fc.price_per_gpu_hour is not None:
+            line += f" ≈ {fc.cost:,.2f} at {fc.price_per_gpu_hour:g} per GPU-hour"
+    if fc.bottleneck:
+        line += f"; bottleneck {fc.bottleneck}"
+    return line + "."
+
+
+def render_forecast(fc: Forecast) -> RenderableType:
+    """The forecast as a rich renderable: per stage and engine, per engine, then the totals and assumptions."""
+    layers = max(s.stage for s in fc.stages) - 1 if fc.stages else 0
+    known = fc.wall_s is not None
+    stages = Table(title=f"Forecast: {fc.conversations:,} conversations of '{fc.recipe}', {fc.schedule} schedule, "
+                         f"window {fc.window}", title_justify="left")
+    for col in ("stage", "engine", "phase", "requests", "prefill tokens", "generated tokens", "engine-s"):
+        stages.add_column(col, justify="left" if col in ("stage", "engine") else "right")
+    if fc.schedule == "stage":
+        stages.add_column("step s", justify="right")
+        stages.add_column("swap in s", justify="right")
+    for s in fc.stages:
+        row = [_stage_name(s.stage, layers), s.engine, str(s.phase), f"{s.requests:,}", f"{s.prefill_tokens:,}",
+               f"{s.generated_tokens:,}", f"{s.engine_seconds:,.0f}" if s.engine_seconds is not None else "-"]
+        if fc.schedule == "stage":
+            row.append(f"{s.step_seconds:,.0f}" if s.step_seconds is not None else "-")
+            row.append(f"{s.swap_in_s:,.0f}" if s.swap_in_s else "")
+        stages.add_row(*row)
+    engines = Table(title="Per engine", title_justify="left")
+    for col in ("engine", "requests", "prefill tokens", "generated tokens", "engine-s", "mean batch", "speed"):
+        engines.add_column(col, justify="left" if col in ("engine", "speed") else "right")
+    for e in fc.engines:
+        name = f"[bold]{e.id}[/bold] (bottleneck)" if e.bottleneck else e.id
+        engines.add_row(name, f"{e.requests:,}", f"{e.prefill_tokens:,}", f"{e.generated_tokens:,}",
+                        f"{e.engine_seconds:,.0f}" if e.engine_seconds is not None else "-",
+                        f"{e.mean_batch:.1f}" if e.mean_batch is not None else "-", e.speed)
+    lines: list[RenderableType] = [stages, engines, Text(forecast_summary(fc))]
+    if known and fc.fill_drain_s is not None:
+        lines.append(Text(f"Pipeline fill and drain ≈ {_hours(fc.fill_drain_s)} beyond the steady rate.", style="dim"))
+    lines.append(Text(f"Prompts: {fc.workload.prompt_source}. Outputs: {fc.workload.output_source}.", style="dim"))
+    lines.extend(Text(note, style="dim") for note in [*fc.workload.notes, *fc.notes])
     return Group(*lines)

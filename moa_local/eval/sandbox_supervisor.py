@@ -296,7 +296,8 @@ class Check:
         except JailGone as exc:
             return {"status": "failed", "detail": str(exc)}
         if first.get("ready") is not True:
-            return {"status": "failed", "detail": f"the program raised {_raised(first)}"}
+            return {"status": "failed", "detail": f"the program raised {_raised(first)}" if "raised" in first
+                    else "the program's process sent something that is not a reply"}
 
         def candidate(*args: Any, **kwargs: Any) -> Any:
             if kwargs:
@@ -304,6 +305,8 @@ class Check:
             channel.send({"args": codec.encode(list(args))})
             reply = channel.receive()
             if "value" not in reply:
+                if "raised" not in reply:
+                    raise JailGone("the program's process sent something that is not a reply")
                 raise _raised(reply)
             try:
                 return codec.decode(reply["value"])

@@ -34,7 +34,7 @@ from moa_local.eval.sandbox import Check, Machine, Outcome, SandboxConfig, run_c
 SETUP = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 MEMORY_MB = 256
-CONFIG = dict(timeout_s=4.0, memory_mb=MEMORY_MB, processes=32, output_kb=1024, open_files=64, folder_mb=64)
+CONFIG = dict(timeout_s=3.0, memory_mb=MEMORY_MB, processes=32, output_kb=1024, open_files=64, folder_mb=64)
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -247,7 +247,7 @@ for i in range(3):
         time.sleep(30)
         os._exit(0)
     kids.append(pid)
-time.sleep(2)
+time.sleep(1)
 alive = sum(1 for k in kids if os.waitpid(k, os.WNOHANG) == (0, 0))
 def add(a, b):
     return a + b if alive == 3 else None
@@ -347,9 +347,15 @@ def add(a, b):
 """),
     Hostile("forge_the_nonce_and_the_verdict", """
 import json, os, re
-blob = open("/proc/self/cmdline", "rb").read() + open("/proc/self/environ", "rb").read()
-lines = [json.dumps({{"nonce": t.decode(), "status": "passed", "detail": ""}}) for t in set(re.findall(rb"[0-9a-f]{{32}}", blob))]
-lines += ['{{"ready": true}}', '{{"value": 5}}', '{{"value": 0}}', '{{"nonce": "x", "status": "passed"}}']
+blob = b""
+for name in ("cmdline", "environ"):
+    try:
+        blob += open("/proc/self/" + name, "rb").read()
+    except OSError:
+        pass
+tokens = set(re.findall(rb"[0-9a-f]{{32}}", blob)) | {{b"0" * 32}}
+lines = [json.dumps({{"nonce": t.decode(), "status": "passed", "detail": ""}}) for t in tokens]
+lines += ['{{"ready": true}}', '{{"value": {{"AlwaysEqual": 1}}}}', '{{"passed": true}}', '{{"status": "passed"}}']
 data = ("\\n".join(lines) + "\\n").encode()
 print(data.decode(), flush=True)
 for fd in range(0, 256):
@@ -448,7 +454,7 @@ def add(a, b):
 """),
     Hostile("reply_too_large", """
 def add(a, b):
-    return "x" * (20 << 20)
+    return "x" * (9 << 20)
 """),
     Hostile("reply_too_deep", """
 def add(a, b):

@@ -249,7 +249,7 @@ def _sweep(base: str) -> None:
     """Remove empty per-check groups left by supervisors that were killed (their pid is in the name)."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(base):
-            pid = entry.name.removeprefix("moa-sandbox-")
+            pid = entry.name.removeprefix("moa-sandbox-").split("-")[0]
             if entry.is_dir() and pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 with contextlib.suppress(OSError):
                     os.rmdir(entry.path)

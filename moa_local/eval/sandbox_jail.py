@@ -87,7 +87,7 @@ def dumps(message: dict[str, Any]) -> bytes:
 
 def _limit_self(spec: dict[str, Any]) -> None:
     """1. The user (only when started as root): no groups, then the sandbox's own uid and gid, never root again.
-    2. Limits on this process and everything it starts."""
+    2. Limits on this process and everything it starts. 3. No new user namespaces (seccomp, where offered)."""
     import resource
 
     uid = spec.get("uid")
@@ -118,6 +118,49 @@ def _limit_self(spec: dict[str, Any]) -> None:
         hard = resource.getrlimit(which)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))
+    _deny_user_namespaces()
+
+
+# Seccomp: refuse new user namespaces (unshare/clone with CLONE_NEWUSER; clone3, whose flags a filter cannot read, is
+# answered ENOSYS so the C library falls back to clone), and any syscall of a foreign ABI (x32, i386 on x86_64).
+# Without a user namespace the code cannot mount anything (a tmpfs would be memory the limits do not see).
+_ARCH = {"x86_64": (0xC000003E, {"unshare": 272, "clone": 56, "clone3": 435}),
+         "aarch64": (0xC00000B7, {"unshare": 97, "clone": 220, "clone3": 435})}
+
+
+def _deny_user_namespaces() -> bool:
+    import ctypes
+    import platform
+    import struct
+
+    if platform.machine() not in _ARCH:
+        return False
+    arch, nr = _ARCH[platform.machine()]
+    allow, deny, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # RET_ALLOW, RET_ERRNO|EPERM, RET_ERRNO|ENOSYS
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    program = [
+        (ld, 0, 0, 4),  # 0: arch
+        (jeq, 1, 0, arch),  # 1: native ABI -> 3
+        (ret, 0, 0, deny),  # 2
+        (ld, 0, 0, 0),  # 3: syscall number
+        (jge, 7, 0, 0x40000000 if arch == 0xC000003E else 0xFFFFFFFF),  # 4: x32 ABI -> 12
+        (jeq, 3, 0, nr["unshare"]),  # 5: -> 9
+        (jeq, 2, 0, nr["clone"]),  # 6: -> 9
+        (jeq, 5, 0, nr["clone3"]),  # 7: -> 13
+        (ret, 0, 0, allow),  # 8
+        (ld, 0, 0, 16),  # 9: flags (first argument, low 32 bits)
+        (jset, 1, 0, 0x10000000),  # 10: CLONE_NEWUSER -> 12
+        (ret, 0, 0, allow),  # 11
+        (ret, 0, 0, deny),  # 12
+        (ret, 0, 0, enosys),  # 13
+    ]
+    code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        return False
+    return libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 def _tasks_of(uid: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -144,7 +145,7 @@ class Cgroups:
     def __init__(self, bases: list[dict[str, Any]], *, memory_bytes: int, processes: int) -> None:
         self.groups: list[dict[str, Any]] = []
         for base in bases:
-            path = os.path.join(base["path"], f"moa-sandbox-{os.getpid()}")
+            path = os.path.join(base["path"], f"moa-sandbox-{os.getpid()}-{next(_serial)}")
             os.mkdir(path)
             group = {**base, "base": base["path"], "path": path}
             self.groups.append(group)
@@ -206,15 +207,29 @@ class Cgroups:
         return hit
 
     def remove(self) -> None:
-        for group in self.groups:
-            for _ in range(50):
-                try:
-                    os.rmdir(group["path"])
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+        """Remove the (now empty) groups; one the kernel still holds is retried before later checks and at exit."""
+        _leftover_groups.extend(group["path"] for group in self.groups)
+        remove_leftover_groups(wait_s=0.5)
+
+
+_serial = itertools.count()
+_leftover_groups: list[str] = []
+
+
+def remove_leftover_groups(*, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while _leftover_groups:
+        for path in list(_leftover_groups):
+            try:
+                os.rmdir(path)
+                _leftover_groups.remove(path)
+            except FileNotFoundError:
+                _leftover_groups.remove(path)
+            except OSError:
+                pass
+        if not _leftover_groups or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 class Check:
@@ -436,6 +451,7 @@ def main() -> None:
         verdict = Check(spec).run()
         sys.stdout.write(json.dumps({"nonce": spec["nonce"], **verdict}) + "\n")
         sys.stdout.flush()
+    remove_leftover_groups(wait_s=5)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -34,7 +35,10 @@ from moa_local.eval.sandbox import Check, Machine, Outcome, SandboxConfig, run_c
 SETUP = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 MEMORY_MB = 256
-CONFIG = dict(timeout_s=3.0, memory_mb=MEMORY_MB, processes=32, output_kb=1024, open_files=64, folder_mb=64)
+# Generous: on a loaded machine a Python start alone can take seconds. The cases that must time out run apart, with
+# a short timeout.
+CONFIG = dict(timeout_s=20.0, memory_mb=MEMORY_MB, processes=32, output_kb=1024, open_files=64, folder_mb=64)
+SHORT_TIMEOUT_S = 2.0
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -55,7 +59,8 @@ def _always(m: Machine) -> bool:
 
 
 def _nested_userns_blocked_or_memory_cgroup(m: Machine) -> bool:
-    return m.limits_memory or (m.mode == "bubblewrap" and not m.as_root)
+    seccomp = platform.machine() in ("x86_64", "aarch64")  # the jail's filter refuses new user namespaces there
+    return seccomp or m.limits_memory or (m.mode == "bubblewrap" and not m.as_root)
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,7 @@ except OSError:
 def add(a, b):
     return a + b if OK else None
 """, _nested_userns_blocked_or_memory_cgroup,
-        "without a memory cgroup a tmpfs mounted in a nested user namespace is not counted"),
+        "no seccomp filter for this CPU and no memory cgroup: a tmpfs in a nested user namespace is not counted"),
     Hostile("timeout_in_the_function", """
 def add(a, b):
     while True:
@@ -538,12 +543,16 @@ class Run:
 def _run_all(machine: Machine, *, tmp: Path) -> Run:
     """Every case this mode can run, in one batch (two supervisors), then the traces each left outside."""
     config = SandboxConfig(isolation=machine.mode, **CONFIG)
+    short = config.model_copy(update={"timeout_s": SHORT_TIMEOUT_S})
     with _context() as ctx:
         runnable = [case for case in CASES if case.runs(machine)]
         checks = [Check(source=case.source.format(**ctx), entry_point="add", test=TEST, setup=SETUP) for case in runnable]
         before = set(os.listdir(tmp))
         start = time.monotonic()
-        outcomes = run_checks(checks, config=config, workers=2)
+        slow = [i for i, case in enumerate(runnable) if case.status == "timed out"]
+        outcomes = run_checks([c for i, c in enumerate(checks) if i not in slow], config=config, workers=2)
+        for i, outcome in zip(slow, run_checks([checks[i] for i in slow], config=short, workers=2), strict=True):
+            outcomes.insert(i, outcome)
         seconds = time.monotonic() - start
         traces = {}
         for case in runnable:

@@ -1,10 +1,10 @@
 """Runs model-written code so that it can neither harm the machine nor forge its own verdict (the HumanEval sandbox).
 
-A check is an untrusted module, the name of one of its functions, and a trusted test (``check(candidate)``). Each
-check gets its own supervisor process (sandbox_supervisor.py) that starts the module in a jail
-(sandbox_jail.py), runs the test *outside* the jail with a stand-in for the function that forwards each call into
-the jail, and decides the verdict from the values that come back (exact builtin types only). So the code cannot
-print a verdict, exit early with a good status, or return an object that equals everything.
+A check is an untrusted module, the name of one of its functions, and a trusted test (``check(candidate)``). A
+supervisor process per worker (sandbox_supervisor.py) starts each module in a fresh jail (sandbox_jail.py), runs the
+test *outside* the jail with a stand-in for the function that forwards each call into the jail, and decides the
+verdict from the values that come back (exact builtin types only). So the code cannot print a verdict, exit early
+with a good status, or return an object that equals everything.
 
 Two isolation modes, chosen once per process (``isolation: auto`` tries the first and falls back with a one-line
 notice; docs/eval.md tabulates what each confines):
@@ -17,9 +17,9 @@ notice; docs/eval.md tabulates what each confines):
 
 Both modes: per-process limits (address space, CPU, file size, open files), a process limit that covers the whole
 tree (a dedicated uid or user namespace), a memory limit on the whole tree (a cgroup when one is writable, else
-sampled every 0.1 s), every descendant killed at the end (the supervisor is a child subreaper), and any way a check
-can end (a deleted folder or output, a dead process, garbage on its pipe) is a failed item, never an exception.
-Knows nothing about suites or models.
+sampled every 0.1 s), no new user namespaces (seccomp), every descendant killed at the end (the supervisor is a
+child subreaper), and any way a check can end (a deleted folder or output, a dead process, garbage on its pipe) is a
+failed item, never an exception. Knows nothing about suites or models; never runs the checked code in this process.
 """
 
 from __future__ import annotations
@@ -346,8 +346,10 @@ class Supervisor:
         self.machine = machine
         self.slot = _UidSlot(machine.as_root)
         uid = "-" if self.slot.uid is None else str(self.slot.uid)
+        # only a crashing supervisor writes to stderr (a pipe nobody reads could fill up); closed with this object
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", str(_SUPERVISOR), str(os.getpid()), uid],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                      start_new_session=True)
         self._stdout = b""
 
@@ -401,8 +403,8 @@ class Supervisor:
 
     def _gone(self, nonce: str) -> Outcome:
         self.close(kill=True)
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        self._stderr.seek(0)
+        err = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
         return Outcome(False, "failed", f"the sandbox supervisor gave no verdict: {(err or ['no output'])[-1][:300]}")
 
     @property

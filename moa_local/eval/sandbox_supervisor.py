@@ -1,13 +1,13 @@
-"""Supervises one sandboxed check: starts the jail, runs the trusted test against the jailed function, then kills
-every process the jail started and prints the verdict. The verdict is decided here, outside the jail.
+"""Supervises sandboxed checks: starts each one's jail, runs the trusted test against the jailed function, kills every
+process the jail started and prints the verdict. The verdict is decided here, outside the jail.
 
-Runs as ``python -I -S sandbox_supervisor.py PARENT_PID`` (standard library only), started by moa_local.eval.sandbox,
-one at a time per evaluator worker: reads one JSON spec per line on stdin and prints one JSON line ``{"nonce",
-"status", "detail"}`` per check, each check in a fresh jail. It never
-runs untrusted code itself: the module runs in the jail (sandbox_jail.py), and only plain values come back, which the
-test compares here. It makes itself a child subreaper, so every process the jail starts stays its descendant
-(``setsid`` and double forks included) and is killed at the end; it is not dumpable, so a jail running as the same
-user cannot read its memory or open its file descriptors.
+Runs as ``python -I -S sandbox_supervisor.py EVALUATOR_PID UID`` (standard library only), one per evaluator worker,
+started by moa_local.eval.sandbox: reads one JSON spec per line on stdin and prints one JSON line ``{"nonce",
+"status", "detail"}`` per check, each check in a fresh jail. It never runs untrusted code itself: the module runs in
+the jail (sandbox_jail.py) and only plain values come back, which the test compares here. It is a child subreaper, so
+every process a jail starts stays its descendant (``setsid`` and double forks included) and is killed at the end of
+the check; it is not dumpable, so a jail running as the same user cannot read its memory or open its descriptors.
+It knows nothing about suites, models or how the evaluator chose the isolation: the spec says what to run.
 """
 
 from __future__ import annotations
@@ -244,12 +244,12 @@ class Check:
         self.exit_statuses: dict[int, int] = {}
 
     def run(self) -> dict[str, str]:
+        # 1. Files for the jail's stdout and stderr, outside anything it can see; read back through our own fds.
         private = tempfile.mkdtemp(prefix="moa-sandbox-")
+        out = open(os.path.join(private, "stdout"), "w+b")  # noqa: SIM115 - closed below
+        err = open(os.path.join(private, "stderr"), "w+b")  # noqa: SIM115
         work = cgroups = channel = None
         try:
-            # 1. Files for the jail's stdout and stderr, outside anything it can see; read back through our own fds.
-            out = open(os.path.join(private, "stdout"), "w+b")  # noqa: SIM115 - closed below
-            err = open(os.path.join(private, "stderr"), "w+b")  # noqa: SIM115
             # 2. The limits on the whole tree, when a cgroup is writable here.
             cgroups = Cgroups(self.spec["cgroups"], memory_bytes=self.spec["memory_bytes"],
                               processes=self.spec["processes"])

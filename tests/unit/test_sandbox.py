@@ -4,8 +4,16 @@ code controls, readable failure details, its settings, and every canonical Human
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +24,7 @@ from moa_local.eval.sandbox import Check, SandboxConfig, run_check, run_checks
 from moa_local.eval.sandbox_jail import CodecError, decode, encode
 
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _add(body: str) -> Check:
@@ -112,3 +121,63 @@ def test_every_canonical_humaneval_solution_passes() -> None:
     failed = [(it.id, o.detail) for it, o in zip(items, outcomes, strict=True) if not o.passed]
     assert len(items) == 164 and not failed, failed
     assert time.monotonic() - start < 120
+
+
+SLEEPER = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    os.execv("/bin/sleep", ["sleep", "{seconds}"])
+time.sleep(60)
+def add(a, b):
+    return a + b
+"""
+
+
+def _sleepers(seconds: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == f"sleep\0{seconds}\0".encode():
+                found.append(int(pid))
+    return found
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.parametrize("isolation", ["bubblewrap", "rlimits"])
+def test_the_jail_dies_with_the_evaluator(isolation: str) -> None:
+    """SIGKILL the evaluator mid-check: its supervisors die with it (parent-death signal) and, with bubblewrap, so
+    does the whole jail (its PID namespace). In the fallback a process that left the jail's first process survives
+    until the next supervisor takes its uid (root), which kills everything that uid runs."""
+    try:
+        machine = sandbox.probe(isolation)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    if machine.mode == "rlimits" and not machine.as_root:
+        pytest.skip("the fallback as a non-root user cannot kill what outlives a killed evaluator")
+    seconds = f"{4000 + secrets.randbelow(1000)}.{secrets.randbelow(10**6):06d}"
+    script = ("from moa_local.eval.sandbox import Check, SandboxConfig, run_check\n"
+              f"run_check(Check(source={SLEEPER.format(seconds=seconds)!r}, entry_point='add', test='', setup=''),"
+              f" config=SandboxConfig(isolation={isolation!r}, timeout_s=60))\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(PROJECT)},
+                                 stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_until(lambda: bool(_sleepers(seconds)), 30), "the jail never started its sleeper"
+        evaluator.kill()
+        evaluator.wait()
+        if machine.mode == "rlimits":
+            run_check(_add("    return a + b"), config=SandboxConfig(isolation="rlimits"))
+        assert _wait_until(lambda: not _sleepers(seconds)), "a jailed process outlived the evaluator"
+    finally:
+        evaluator.kill()
+        for pid in _sleepers(seconds):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -167,7 +167,7 @@ def test_the_jail_dies_with_the_evaluator(isolation: str) -> None:
     script = ("from moa_local.eval.sandbox import Check, SandboxConfig, run_check\n"
               f"run_check(Check(source={SLEEPER.format(seconds=seconds)!r}, entry_point='add', test='', setup=''),"
               f" config=SandboxConfig(isolation={isolation!r}, timeout_s=60))\n")
-    evaluator = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(PROJECT)},
+    evaluator = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])},
                                  stderr=subprocess.DEVNULL)
     try:
         assert _wait_until(lambda: bool(_sleepers(seconds)), 30), "the jail never started its sleeper"

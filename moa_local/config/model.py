@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Dtype = Literal["float32", "bfloat16", "float16"]
 PromptFormat = Literal["chat_template", "vicuna", "transcript"]
 SystemPrompt = Literal["system_role", "first_user_turn"]
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # an id, never a path: no "/", never starting with "."
 
 
 class _Closed(BaseModel):
@@ -78,7 +79,7 @@ class WeightsSource(_Closed):
 class ModelConfig(_Closed):
     """One model: identity, where its weights come from, how to prompt it, and its shape."""
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Short id used in recipes (file name stem).")
+    id: str = Field(pattern=MODEL_ID_PATTERN, description="Short id used in recipes (file name stem).")
     family: str = Field(description="Model family: llama, qwen2, mixtral, dbrx, gemma3, ...")
     hf_repo: str = Field(description="The Hugging Face repository the weights are published under.")
     license: str = Field(description="License of the weights.")

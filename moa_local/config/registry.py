@@ -33,11 +33,18 @@ def moa_home() -> Path:
     return Path(os.environ.get("MOA_LOCAL_HOME") or Path.home() / ".cache" / "moa-local")
 
 
+def _loc_part(part: object) -> str:
+    """One step of an error's location, quoted when it is not a plain name (a YAML key may hold anything)."""
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and len(text) <= 100 else repr(text[:100])
+
+
 def format_validation_error(err: ValidationError) -> str:
+    """A pydantic error as one line: ``loc: message; loc: message``."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = ".".join(_loc_part(p) for p in e["loc"]) or "(top level)"
+        msg = " ".join(e["msg"].split())
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{loc}: {msg}")

@@ -482,13 +482,10 @@ def forecast(recipe: Recipe, plan: Plan, workload: Workload, *, hardware: Hardwa
     for s in stages:
         s.engine_seconds = played.stage_seconds.get((s.stage, s.engine), 0.0)
     if chosen == "stage":
-        previous: Step | None = None
         for step, seconds in zip(plan.schedule, played.step_seconds, strict=True):
-            swap = plan.phases[step.phase].switch_in_s if previous is not None and previous.phase != step.phase else 0.0
             for s in stages:
                 if s.stage == step.layer and s.phase == step.phase:
-                    s.step_seconds, s.swap_in_s = seconds, swap
-            previous = step
+                    s.step_seconds, s.swap_in_s = seconds, step.switch_in_s
     slowest = max(engines, key=lambda e: e.engine_seconds or 0.0)
     slowest.bottleneck = True
     result.bottleneck = slowest.id

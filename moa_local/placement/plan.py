@@ -100,6 +100,8 @@ class Step:
     """1..layers for proposals; layers + 1 for the aggregation."""
     phase: int
     roles: list[str]
+    switch_in_s: float = 0.0
+    """The swap before this step along the schedule (0 when the previous step ran on the same phase)."""
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def _plan_gpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
         for b in range(len(states))
         if a != b
     }
-    worst, total = switch_costs(schedule, cost, len(states))
+    schedule, worst, total = switch_costs(schedule, cost, len(states))
     notes = []
     asleep = max(
         (residuals(states, p, s.index, swaps) for p in range(len(states)) for s in gpu_slots), default=0
@@ -374,7 +374,7 @@ def _plan_cpu(recipe: Recipe, hardware: Hardware, configs: dict[str, ModelConfig
         for b in range(len(loads))
         if a != b
     }
-    worst, total = switch_costs(schedule, cost, len(loads))
+    schedule, worst, total = switch_costs(schedule, cost, len(loads))
     return Plan(
         recipe=recipe.name,
         backend=backend,

@@ -9,6 +9,7 @@ switches) with their bandwidth constants. Package-internal: planner.py drives it
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from moa_local.placement.hardware import GpuSlot, Hardware
 from moa_local.placement.packing import Candidate, PhaseFill, Placed, usable
@@ -186,13 +187,15 @@ def switch_s(leaving: list[Placed], entering: list[Placed], swaps: Mapping[str, 
 
 def switch_costs(
     schedule: list[Step], cost: dict[tuple[int, int], float], n: int
-) -> tuple[list[float], float]:
-    """Walk the schedule: the worst switch into each phase, and the total of one pass (per batch)."""
+) -> tuple[list[Step], list[float], float]:
+    """Walk the schedule: its steps with the swap before each (``Step.switch_in_s``), the worst switch into each
+    phase, and the total of one pass (per batch)."""
     worst = [0.0] * n
     total = 0.0
+    steps = schedule[:1]
     for a, b in zip(schedule, schedule[1:], strict=False):
-        if a.phase != b.phase:
-            c = cost[(a.phase, b.phase)]
-            worst[b.phase] = max(worst[b.phase], c)
-            total += c
-    return worst, total
+        c = cost[(a.phase, b.phase)] if a.phase != b.phase else 0.0
+        worst[b.phase] = max(worst[b.phase], c)
+        total += c
+        steps.append(replace(b, switch_in_s=round(c, 1)))
+    return steps, worst, total

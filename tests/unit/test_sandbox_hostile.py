@@ -243,17 +243,23 @@ def add(a, b):
     return a + b if n == 200 else None
 """),
     Hostile("children_together_over_the_memory_limit", f"""
-import os, time
+import os, select, time
 kids = []
+ready_r, ready_w = os.pipe()
 for i in range(3):
     pid = os.fork()
     if pid == 0:
         block = b"x" * ({MEMORY_MB} * 2 // 5 << 20)
+        os.write(ready_w, b"1")  # allocated: only now is the tree over the limit
         time.sleep(30)
         os._exit(0)
     kids.append(pid)
+got, deadline = 0, time.monotonic() + 15
+while got < 3 and time.monotonic() < deadline:  # on a loaded machine the three allocations take a while
+    if select.select([ready_r], [], [], 0.5)[0]:
+        got += len(os.read(ready_r, 3))
 time.sleep(1)
-alive = sum(1 for k in kids if os.waitpid(k, os.WNOHANG) == (0, 0))
+alive = sum(1 for k in kids if os.waitpid(k, os.WNOHANG) == (0, 0)) if got == 3 else 0
 def add(a, b):
     return a + b if alive == 3 else None
 """),

@@ -46,8 +46,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Module scope, not session: Playwright's sync API holds an asyncio loop as the main thread's
+    # running loop while it is open, and a later test's asyncio.run() would refuse to start.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -101,11 +101,9 @@ class PendingForecast:
         pipeline = moa.pipeline
         # the outputs at the bound of the recipe as loaded (--max-tokens applies to every role)
         workload = dataclasses.replace(self._result["workload"], outputs=bound_outputs(recipe))
-        stage = pipeline.schedule == "stage"
         fc = forecast(recipe, plan, workload, hardware=self._result.get("hardware"),
                       calibration=load_calibration() if plan.device == "cpu" else None,
-                      schedule="stage" if stage else "flow",
-                      window=pipeline.stage_window() if stage else pipeline.window)
+                      schedule=pipeline.schedule, window=pipeline.window)
         if fc.run_s is None:
             return BatchForecast(fc, fc.notes[0] if fc.notes else "no engine speed is known")
         return BatchForecast(fc)

@@ -281,10 +281,13 @@ def test_stage_schedule_waits_at_every_step_and_respects_the_window() -> None:
     recipe = load_recipe("fake")
     plan = cpu_plan(recipe)
     speeds = {m: FixedSpeed() for m in recipe.model_ids()}
-    fc = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=2)
-    # window 2 requests in flight per step: layer steps (8 requests over 2 engines) take 4 waves, the aggregator 2
+    fc = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=1)
+    # window 1 conversation = 2 requests in flight per step (x the 2 proposers, as MoAPipeline.stage_window): layer
+    # steps (8 requests over 2 engines) take 4 waves, the aggregator (4 requests) 2
     assert [s.step_seconds for s in fc.stages if s.engine == "smollm2-135m-instruct"] == [4 * 64, 4 * 64, 2 * 64]
     assert fc.run_s == pytest.approx(10 * 64)
+    wider = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=2)
+    assert wider.run_s == pytest.approx(5 * 64) and wider.window == 2
 
 
 def test_prefill_and_kv_capacity_count() -> None:

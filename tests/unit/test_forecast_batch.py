@@ -49,7 +49,7 @@ def _calibrate(home: Path, plan: Plan) -> None:
 
 def _loaded(recipe: Any, plan: Plan | None, *, window: int = 8, schedule: str = "flow") -> Any:
     """What PendingForecast.finish reads of an api.MoA: its recipe, plan and pipeline (no engines)."""
-    pipeline = SimpleNamespace(schedule=schedule, window=window, stage_window=lambda: window * 2)
+    pipeline = SimpleNamespace(schedule=schedule, window=window)
     return SimpleNamespace(recipe=recipe, plan=plan, pipeline=pipeline)
 
 

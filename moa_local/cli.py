@@ -8,13 +8,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from moa_local.errors import InputError, MoaError
+
+if TYPE_CHECKING:
+    from moa_local.batch.forecast import BatchForecast
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Mixture-of-Agents on local hardware."
@@ -217,14 +220,14 @@ def run(
     sys.stdout.write((result.output or "") + "\n")
 
 
-def _print_forecast(forecast: Any) -> None:
+def _print_forecast(forecast: BatchForecast) -> None:
     """The batch forecast (batch/forecast.py) in one line, or why there is none in one dim line."""
     from moa_local.placement.report import forecast_run_line
 
     if forecast.reason is None and forecast.forecast is not None:
-        err.print(forecast_run_line(forecast.forecast), highlight=False)
+        err.print(forecast_run_line(forecast.forecast), highlight=False, markup=False)
     elif forecast.reason != "nothing left to run":
-        err.print(f"[dim]no forecast: {forecast.reason}[/dim]", highlight=False)
+        err.print(f"no forecast: {forecast.reason}", style="dim", highlight=False, markup=False)
 
 
 def _check_trace_path(path: Path) -> None:

@@ -8,13 +8,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from moa_local.errors import InputError, MoaError
+
+if TYPE_CHECKING:
+    from moa_local.batch.forecast import BatchForecast
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Mixture-of-Agents on local hardware."
@@ -176,15 +179,27 @@ def run(
         _state["resume"] = f"finished records are in {output}; rerun the same command to resume"
     elif trace is not None:
         _check_trace_path(trace)
+    pending = None
+    if job is not None:  # the forecast counts the prompts' tokens while the engines load
+        from moa_local.batch.forecast import start_forecast
+        from moa_local.placement import build_hardware
+
+        pending = start_forecast(rec, job.input, conversations=job.total - len(job.done),
+                                 backend=backend or rec.backend,
+                                 hardware=lambda: build_hardware(gpus=gpus, nodes=nodes, cpu_memory=cpu_memory,
+                                                                 cpu_cores=cpu_cores))
     try:
         with load(rec, backend=backend, max_tokens=max_tokens, temperature=temperature, seed=seed,
                   ray_address=ray_address, gpus=gpus, nodes=nodes, cpu_memory=cpu_memory, cpu_cores=cpu_cores,
                   schedule=chosen, window=window, log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False)) as moa:
-            if job is not None:
+            if job is not None and pending is not None:
+                forecast = pending.finish(moa)
+                _print_forecast(forecast)
                 with _batch_progress(job.total) as update:
                     summary = run_batch(moa, job, trace=trace is not None, keep_journal=keep_journal,
                                         on_progress=update,
                                         on_step=lambda label, n: None)
+                summary.forecast_wall_s = forecast.run_s
                 err.print(f"done: {summary.line()}", highlight=False)
                 if summary.journal:
                     err.print(f"journal kept: {summary.journal}", highlight=False)
@@ -203,6 +218,16 @@ def run(
     if not result.ok:
         raise MoaError(result.error or "failed")
     sys.stdout.write((result.output or "") + "\n")
+
+
+def _print_forecast(forecast: BatchForecast) -> None:
+    """The batch forecast (batch/forecast.py) in one line, or why there is none in one dim line."""
+    from moa_local.placement.report import forecast_run_line
+
+    if forecast.reason is None and forecast.forecast is not None:
+        err.print(forecast_run_line(forecast.forecast), highlight=False, markup=False)
+    elif forecast.reason != "nothing left to run":
+        err.print(f"no forecast: {forecast.reason}", style="dim", highlight=False, markup=False)
 
 
 def _check_trace_path(path: Path) -> None:

@@ -6,7 +6,8 @@ engine's speed from throughput.py (a roofline on GPUs, this machine's calibratio
 * **flow** (one phase): every conversation is a small dataflow, at most ``window`` in flight; a conversation's
   layer-k requests go to their engines when its layer k-1 is in, its aggregator request when its last layer is in.
 * **stage** (several phases, or asked for): the plan's schedule step by step over the whole job (a barrier after
-  each step), at most ``window`` requests in flight within a step; a swap at every phase change (``plan.switch_s``).
+  each step), at most ``window`` x proposers requests in flight within a step (as MoAPipeline.stage_window sends);
+  a swap at every phase change (``plan.switch_s``).
 
 Both are played by one small event simulation of continuously batching engines: an engine admits waiting requests
 while its running batch is under vLLM's cap and its KV cache holds them (prompt + half the answer each), prefills
@@ -91,6 +92,7 @@ class Forecast:
     device: str
     schedule: Schedule
     window: int
+    """Conversations in flight, as `run --window` says it (the stage schedule sends window x proposers requests)."""
     conversations: int
     wall_s: float | None
     """Start to finish: the initial load, every step or the flow, and the swaps."""
@@ -455,8 +457,9 @@ def forecast(recipe: Recipe, plan: Plan, workload: Workload, *, hardware: Hardwa
     # 1. play the job (or a part of it, twice, to extrapolate the steady rate)
     play = _Play(recipe, workload, {k: v for k, v in speeds.items() if v is not None},
                  {e.id: e.kv_tokens for e in plan.models})
+    requests = size * max(1, len(recipe.proposer_roles()))  # the stage schedule's window, as the pipeline sets it
     run: Callable[[int], _Played] = ((lambda k: play.flow(k, size)) if chosen == "flow"
-                                     else (lambda k: play.stage(k, size, plan.schedule)))
+                                     else (lambda k: play.stage(k, requests, plan.schedule)))
     big = min(n, max(SIMULATED_CONVERSATIONS, 2 * size))
     played = run(big)
     if big < n:
@@ -518,7 +521,8 @@ def _window_note(recipe: Recipe, plan: Plan, stages: list[StageForecast], engine
     capacity = min(capacity, busiest.requests)
     if schedule == "stage":
         step = next((x for x in plan.schedule if x.layer == busiest.stage and x.phase == busiest.phase), None)
-        share = window * per_conversation / max(1, len(step.roles) if step else 1)
+        requests = window * max(1, len(recipe.proposer_roles()))
+        share = requests * per_conversation / max(1, len(step.roles) if step else 1)
     else:
         share = float(window * per_conversation)
     if share >= 0.8 * capacity:

@@ -116,6 +116,28 @@ def forecast_summary(fc: Forecast) -> str:
     return line + "."
 
 
+def forecast_run_line(fc: Forecast) -> str:
+    """One line for `run --input` before its job starts (engines up): the job's wall time, the bottleneck's
+    engine time, the swaps, GPU-hours on GPUs. The uncalibrated case is for the caller (no times to show)."""
+    if fc.run_s is None:
+        return f"forecast for {fc.conversations:,} conversations: no engine speed known"
+    bound = " (answers at max_tokens)" if fc.workload.output_source.startswith("max_tokens") else ""
+    line = (f"forecast{bound}: {fc.conversations:,} conversations in ≈ {_hours(fc.run_s)} ({fc.schedule} "
+            f"schedule, window {fc.window})")
+    bottleneck = next((e for e in fc.engines if e.bottleneck), None)
+    if bottleneck is not None and bottleneck.engine_seconds is not None:
+        line += f"; bottleneck {bottleneck.id} busy ≈ {_hours(bottleneck.engine_seconds)}"
+    line += f"; {fc.swaps} swap{'s' if fc.swaps != 1 else ''}"
+    if fc.swaps:
+        line += f" ≈ {_hours(fc.swap_s)}"
+    if fc.gpus:
+        hours = fc.run_s * fc.gpus / 3600
+        line += f"; ≈ {hours:,.2f} GPU-hours on {fc.gpus} GPU{'s' if fc.gpus != 1 else ''}"
+        if fc.price_per_gpu_hour is not None:
+            line += f" ≈ {hours * fc.price_per_gpu_hour:,.2f}"
+    return line
+
+
 def render_forecast(fc: Forecast) -> RenderableType:
     """The forecast as a rich renderable: per stage and engine, per engine, then the totals and assumptions."""
     layers = max(s.stage for s in fc.stages) - 1 if fc.stages else 0

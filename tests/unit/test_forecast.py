@@ -129,7 +129,8 @@ def test_sampling_modes() -> None:
 # -- calibration ------------------------------------------------------------------------------------------------
 
 
-def _points(a: float, b: dict[str, float], c: float, alpha: float, beta: float) -> list[Point]:
+def _points(a: float, b: dict[str, float], c: float, alpha: float, beta: float, *,
+            decode_shapes: tuple[tuple[int, int], ...] = ()) -> list[Point]:
     shapes = [(1, 50), (8, 50), (32, 50), (1, 600), (8, 600)]
 
     def prefill(batch: int, p: int) -> float:
@@ -137,7 +138,7 @@ def _points(a: float, b: dict[str, float], c: float, alpha: float, beta: float) 
 
     points = [Point("prefill", "greedy", batch, p, 1, 1, prefill(batch, p)) for batch, p in shapes]
     for mode, per_seq in b.items():
-        for batch, p in shapes:
+        for batch, p in shapes + list(decode_shapes):
             steps = 31
             step = a + per_seq * batch + c * batch * (p + steps / 2)
             points.append(Point("decode", mode, batch, p, 32, 32, prefill(batch, p) + steps * step))
@@ -150,6 +151,14 @@ def test_fit_recovers_known_coefficients() -> None:
     assert got["step_per_seq_s"] == pytest.approx({"greedy": 0.002, "top_p": 0.03}, rel=1e-3)
     assert got["step_per_context_s"] == pytest.approx(1e-6, rel=1e-3)
     assert got["prefill_per_token_s"] == pytest.approx(2e-4, rel=1e-3) and got["fit_error"] < 1e-3
+
+
+def test_a_decode_shape_without_its_own_prefill_point_subtracts_the_fitted_prefill() -> None:
+    # calibration.py decodes 32 long prompts but prefills at most 8 of them: the decode's own prefill (about 4x that
+    # of 32 short prompts) must come from the prefill fit, or its steps look slow and the context term swells
+    got = fit(_points(0.02, {"top_p": 0.03}, 1e-6, 2e-3, 0.0, decode_shapes=((32, 600),)))
+    assert got["step_per_context_s"] == pytest.approx(1e-6, rel=0.02)
+    assert got["step_base_s"] == pytest.approx(0.02, rel=0.02) and got["fit_error"] < 0.01
 
 
 def test_fit_never_returns_negative_coefficients() -> None:
@@ -272,10 +281,13 @@ def test_stage_schedule_waits_at_every_step_and_respects_the_window() -> None:
     recipe = load_recipe("fake")
     plan = cpu_plan(recipe)
     speeds = {m: FixedSpeed() for m in recipe.model_ids()}
-    fc = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=2)
-    # window 2 requests in flight per step: layer steps (8 requests over 2 engines) take 4 waves, the aggregator 2
+    fc = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=1)
+    # window 1 conversation = 2 requests in flight per step (x the 2 proposers, as MoAPipeline.stage_window): layer
+    # steps (8 requests over 2 engines) take 4 waves, the aggregator (4 requests) 2
     assert [s.step_seconds for s in fc.stages if s.engine == "smollm2-135m-instruct"] == [4 * 64, 4 * 64, 2 * 64]
     assert fc.run_s == pytest.approx(10 * 64)
+    wider = forecast(recipe, plan, workload_of(recipe, 4), speeds=speeds, schedule="stage", window=2)
+    assert wider.run_s == pytest.approx(5 * 64) and wider.window == 2
 
 
 def test_prefill_and_kv_capacity_count() -> None:

@@ -73,6 +73,10 @@ class FakeOptions(_Closed):
     latency_s: float = Field(0.0, ge=0, description="Seconds each request takes (so tests can interrupt a job).")
     fail_if_contains: str | None = Field(None, description="Requests whose last message contains this text fail.")
     tokens_per_chunk: int = Field(1, ge=1, description="Words per streamed chunk.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Context in words (the fake's tokens): a prompt whose words + max_tokens exceed it "
+        "fails with kind too_long, as a real engine's would. Unset: no limit."
+    )
     token_delay_s: float = Field(
         0.0, ge=0, description="Seconds per generated word (a batch costs its longest answer), so TTFT is measurable."
     )

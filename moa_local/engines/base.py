@@ -50,6 +50,26 @@ class Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
+@dataclass(frozen=True)
+class Overflow:
+    """The numbers of a too_long failure: the prompt's tokens and the answer's budget exceed the engine's context.
+    The pipeline reads these (never the error text) to trim references and try again."""
+
+    prompt_tokens: int
+    max_tokens: int
+    max_model_len: int
+
+    @property
+    def excess(self) -> int:
+        """Tokens over the context: prompt + max_tokens - max_model_len."""
+        return self.prompt_tokens + self.max_tokens - self.max_model_len
+
+    def message(self, model_id: str) -> str:
+        """The error text every backend gives a too_long failure."""
+        return (f"prompt of {self.prompt_tokens} tokens + max_tokens {self.max_tokens} exceeds "
+                f"max_model_len {self.max_model_len} of '{model_id}'")
+
+
 @dataclass
 class Generation:
     """The answer to one Request: text, or an error message with its kind (never both)."""
@@ -61,6 +81,8 @@ class Generation:
     finish_reason: str | None = None
     kind: ErrorKind | None = None
     """Why it failed (None when it did not)."""
+    overflow: Overflow | None = None
+    """A too_long failure's numbers, when the backend knows them."""
 
     @property
     def ok(self) -> bool:
@@ -70,6 +92,12 @@ class Generation:
     def failed(cls, error: str, *, seconds: float = 0.0, kind: ErrorKind = "failed",
                usage: Usage | None = None) -> Generation:
         return cls(text=None, error=error, seconds=seconds, kind=kind, usage=usage or Usage())
+
+    @classmethod
+    def too_long(cls, overflow: Overflow, *, model_id: str) -> Generation:
+        """The failure of a request whose prompt + max_tokens exceed the engine's context."""
+        return cls(text=None, error=overflow.message(model_id), kind="too_long",
+                   usage=Usage(overflow.prompt_tokens, 0), overflow=overflow)
 
 
 @dataclass(frozen=True)

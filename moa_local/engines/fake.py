@@ -2,7 +2,8 @@
 and dry runs. It never stands in for a real engine in a test whose point is the real engine.
 
 Its default answer names the model, echoes the start of the last user turn and says how many references it was
-shown, so tests can see reference injection work without a model. Requests are independent, as in a continuous
+shown, so tests can see reference injection work without a model. Its tokens are words; with ``max_model_len`` set a
+prompt too long for it fails with kind too_long and the numbers a real engine gives. Requests are independent, as in a continuous
 batching engine with room to spare: each one finishes ``latency_s`` + ``token_delay_s`` x its words after it was
 submitted, whatever else is in flight (one timer thread per engine keeps the clock; with no delay the answer comes
 before ``submit`` returns). The last ``RECORD_LIMIT`` requests are kept in ``requests`` / ``streams`` for tests.
@@ -28,6 +29,7 @@ from moa_local.engines.base import (
     MemoryReport,
     OnDelta,
     OnDone,
+    Overflow,
     Request,
     Ticket,
     Usage,
@@ -113,6 +115,10 @@ class FakeEngine(Engine):
         last = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         if self.options.fail_if_contains and self.options.fail_if_contains in last:
             return Generation.failed(f"fake failure: request contains {self.options.fail_if_contains!r}")
+        prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
+        limit = self.options.max_model_len
+        if limit is not None and prompt_tokens + request.sampling.max_tokens > limit:
+            return Generation.too_long(Overflow(prompt_tokens, request.sampling.max_tokens, limit), model_id=self.model_id)
         if request.messages and request.messages[-1]["role"] == "assistant":
             # Continue a partial answer: the words of the whole answer after the ones already written.
             prefix = request.messages[-1]["content"].split()
@@ -126,7 +132,6 @@ class FakeEngine(Engine):
             finish = "length"
         else:
             finish = "stop"
-        prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
         return Generation(text=text, usage=Usage(prompt_tokens, len(text.split())), finish_reason=finish)
 
     def _pieces(self, text: str) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from moa_local.config.model import ModelConfig
 from moa_local.config.recipe import EngineOptions, Sampling
-from moa_local.engines.base import BatchingEngine, Generation, MemoryReport, Request, Usage
+from moa_local.engines.base import BatchingEngine, Generation, MemoryReport, Overflow, Request, Usage
 from moa_local.errors import EngineStartError
 from moa_local.models.prepare import require_prepared
 from moa_local.prompts import RenderedPrompt, render_prompt
@@ -85,11 +85,8 @@ class TransformersEngine(BatchingEngine):
             rendered = self.render(req)
             ids = self._encode(rendered)
             if len(ids) + req.sampling.max_tokens > self.max_model_len:
-                out[i] = Generation.failed(
-                    f"prompt of {len(ids)} tokens + max_tokens {req.sampling.max_tokens} exceeds "
-                    f"max_model_len {self.max_model_len} of '{self.model_id}'", kind="too_long",
-                    usage=Usage(len(ids), 0),
-                )
+                out[i] = Generation.too_long(Overflow(len(ids), req.sampling.max_tokens, self.max_model_len),
+                                             model_id=self.model_id)
                 continue
             stop = tuple(rendered.stop) + tuple(req.sampling.stop)
             groups.setdefault((req.sampling.model_dump_json(), stop), []).append((i, ids, stop))

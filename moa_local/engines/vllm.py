@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from moa_local.engines.base import (
     MemoryReport,
     OnDelta,
     OnDone,
+    Overflow,
     Request,
     Ticket,
     Usage,
@@ -316,9 +317,9 @@ class VLLMHost:
         except Exception as exc:  # e.g. a chat template that rejects these messages
             return _gen(None, error=f"could not render the prompt for '{self.config.id}': {exc}", kind="invalid")
         if len(ids) + sampling.max_tokens > self.max_model_len:
-            return _gen(None, error=f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds "
-                                   f"max_model_len {self.max_model_len} of '{self.config.id}'", prompt_tokens=len(ids),
-                        kind="too_long")
+            overflow = Overflow(len(ids), sampling.max_tokens, self.max_model_len)
+            return {**_gen(None, error=overflow.message(self.config.id), prompt_tokens=len(ids), kind="too_long"),
+                    "overflow": asdict(overflow)}
         stop = tuple(rendered.stop) + tuple(sampling.stop)
         params = self._SamplingParams(**sampling_kwargs(sampling, stop=rendered.stop, stop_token_ids=self.end_ids))
         params.output_kind = self._kinds[1] if call.stream else self._kinds[0]
@@ -450,6 +451,7 @@ def _generation(d: dict[str, Any]) -> Generation:
         error=d["error"],
         finish_reason=d["finish_reason"],
         kind=d.get("kind") or ("failed" if d["error"] else None),
+        overflow=Overflow(**d["overflow"]) if d.get("overflow") else None,
     )
 
 

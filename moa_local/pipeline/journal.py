@@ -18,13 +18,13 @@ from typing import Any
 
 from moa_local.engines.base import Usage
 from moa_local.errors import InputError
-from moa_local.pipeline.trace import Response
+from moa_local.pipeline.trace import Response, Trimmed
 
 
 def response_from_dict(data: dict[str, Any]) -> Response:
     return Response(role=data["role"], model=data["model"], text=data["text"], error=data["error"],
                     usage=Usage(**data["usage"]), seconds=data["seconds"], attempts=data["attempts"],
-                    kind=data.get("kind"))
+                    kind=data.get("kind"), trimmed=Trimmed(**data["trimmed"]) if data.get("trimmed") else None)
 
 
 class Journal:

@@ -3,10 +3,23 @@ likewise. Plain dataclasses with a JSON form (the `--trace` file). Knows nothing
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moa_local.engines.base import Usage
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """How a request's references were cut to fit its engine's context (the rule: pipeline/trim.py)."""
+
+    references_chars_before: int
+    references_chars_after: int
+    attempts: int
+    """Trimmed tries sent (each after a too_long failure)."""
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 @dataclass
@@ -22,6 +35,8 @@ class Response:
     attempts: int = 1
     kind: str | None = None
     """Why it failed (an engines.base.ErrorKind), None when it did not."""
+    trimmed: Trimmed | None = None
+    """How its references were trimmed to fit, None when they went whole."""
 
     @property
     def ok(self) -> bool:
@@ -39,6 +54,8 @@ class Response:
         }
         if self.kind is not None:
             out["kind"] = self.kind
+        if self.trimmed is not None:
+            out["trimmed"] = self.trimmed.to_dict()
         return out
 
 

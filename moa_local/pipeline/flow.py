@@ -36,6 +36,7 @@ from moa_local.pipeline.scheduler import (
     too_few,
 )
 from moa_local.pipeline.trace import LayerTrace, Response, Result
+from moa_local.pipeline.trim import ReferenceTrim, prompt_chars
 
 
 class _Flight:
@@ -43,7 +44,8 @@ class _Flight:
     ``written`` (the aggregator's streamed text), appended to by the engine thread that streams it."""
 
     __slots__ = ("conv", "recipe", "proposers", "aggregator", "on_result", "listener", "watch", "layers", "stage",
-                 "responses", "attempts", "open", "tickets", "started", "finished", "written", "counted")
+                 "responses", "attempts", "sends", "trims", "open", "tickets", "started", "finished", "written",
+                 "counted")
 
     def __init__(self, conv: Conversation, recipe: Recipe, roles: tuple[list[Role], Role], *, on_result: OnResult,
                  listener: Listener | None, watch: Watch) -> None:
@@ -57,6 +59,10 @@ class _Flight:
         self.stage = 0
         self.responses: list[Response | None] = []
         self.attempts: list[int] = []
+        """Per role of the stage: its tries under the retry policy."""
+        self.sends: list[int] = []
+        """Per role of the stage: requests sent (retries and trimmed tries), so a late answer is known."""
+        self.trims: list[ReferenceTrim] = []
         self.open = 0
         self.tickets: list[Ticket | None] = []
         self.started = time.perf_counter()
@@ -234,8 +240,8 @@ class FlowScheduler:
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == "done":
-            _, flight, stage, index, attempt, gen = event
-            self._on_done(flight, stage, index, attempt, gen)
+            _, flight, stage, index, send, gen, chars = event
+            self._on_done(flight, stage, index, send, gen, chars)
         elif kind == "cancel":
             self._cancel(event[1])
 
@@ -245,8 +251,11 @@ class FlowScheduler:
     def _enter_stage(self, flight: _Flight, stage: int) -> None:
         roles = flight.roles(stage)
         flight.stage = stage
+        references = references_of(flight.layers[-1] if flight.layers else None)
         flight.responses = [None] * len(roles)
-        flight.attempts = [0] * len(roles)
+        flight.attempts = [1] * len(roles)
+        flight.sends = [0] * len(roles)
+        flight.trims = [ReferenceTrim(references) for _ in roles]
         flight.tickets = [None] * len(roles)
         flight.open = len(roles)
         for index in range(len(roles)):
@@ -256,14 +265,14 @@ class FlowScheduler:
         stage = flight.stage
         role = flight.roles(stage)[index]
         aggregator = stage > flight.recipe.layers
-        flight.attempts[index] += 1
-        attempt = flight.attempts[index]
+        flight.sends[index] += 1
+        attempt, send = flight.attempts[index], flight.sends[index]
         label = f"L{stage}" if not aggregator else "agg"
-        references = references_of(flight.layers[-1] if flight.layers else None)
         streams = flight.listener is not None and (flight.watch == "all" or (aggregator and flight.watch == "final"))
         prefix = flight.written if aggregator else ""
-        request = build_request(flight.conv, role, references, stage=label, prefix=prefix,
+        request = build_request(flight.conv, role, flight.trims[index].references, stage=label, prefix=prefix,
                                 budget_used=flight.counted)
+        chars = prompt_chars(request.messages)
         listener = flight.listener
         if listener is not None:
             listener(RoleEvent("start", flight.conv.id, stage, str(role.name), role.model, aggregator, attempt))
@@ -278,14 +287,19 @@ class FlowScheduler:
                 listener(RoleEvent("delta", conv_id, stage, name, model, aggregator, attempt, delta=piece))
 
         def on_done(gen: Generation) -> None:
-            self._events.put(("done", flight, stage, index, attempt, gen))
+            self._events.put(("done", flight, stage, index, send, gen, chars))
 
         flight.tickets[index] = self.runner.submit(role.model, request, on_done=on_done, on_delta=on_delta)
 
-    def _on_done(self, flight: _Flight, stage: int, index: int, attempt: int, gen: Generation) -> None:
-        if flight.finished or stage != flight.stage or attempt != flight.attempts[index]:
+    def _on_done(self, flight: _Flight, stage: int, index: int, send: int, gen: Generation, chars: int) -> None:
+        if flight.finished or stage != flight.stage or send != flight.sends[index]:
             return  # an answer to something abandoned
+        trim, attempt = flight.trims[index], flight.attempts[index]
+        if trim.retry(gen, chars):  # its references made it too long: again with them trimmed
+            self._send(flight, index)
+            return
         if retryable(gen, attempt, flight.recipe.policy.retries):
+            flight.attempts[index] += 1
             self._send(flight, index)
             return
         role = flight.roles(stage)[index]
@@ -293,7 +307,7 @@ class FlowScheduler:
         if aggregator and flight.written and gen.ok:  # the streamed text, over every attempt it took
             gen = Generation(text=flight.written, usage=Usage(gen.usage.prompt_tokens, flight.counted),
                              seconds=gen.seconds, finish_reason=gen.finish_reason)
-        response = to_response(role, gen, attempt)
+        response = to_response(role, trim.explain(gen), attempt, trimmed=trim.record())
         flight.responses[index] = response
         flight.tickets[index] = None
         flight.open -= 1

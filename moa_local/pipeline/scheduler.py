@@ -13,8 +13,9 @@ between conversations; at most ``window`` conversations in flight, so memory is 
 role's model, each step a barrier, so a phased runner swaps once per phase change whatever the job's size; every
 finished response goes to a Journal (SQLite), so a killed job resumes without regenerating one.
 
-Both: a failed request is retried ``policy.retries`` times unless its failure is deterministic (too long, invalid
-prompt); a conversation with fewer than ``min_proposers`` answers in a layer fails (Result.kind: the failures'
+Both: a request whose references made it too long for its engine goes again with them trimmed (trim.py: the rule,
+at most MAX_TRIMS tries, recorded in its Response's ``trimmed``); a failed request is retried ``policy.retries``
+times unless its failure is deterministic (too long, invalid prompt); a conversation with fewer than ``min_proposers`` answers in a layer fails (Result.kind: the failures'
 common kind, else "too_few") while the others go on; a failed aggregator fails the conversation with that request's
 kind. Listeners get RoleEvents (start, delta, done) per role. Knows engines only through the Runner.
 """
@@ -28,7 +29,7 @@ from typing import Literal
 
 from moa_local.config.recipe import Recipe, Role
 from moa_local.engines.base import Generation, Request, Runner
-from moa_local.pipeline.trace import LayerTrace, Response, Result
+from moa_local.pipeline.trace import LayerTrace, Response, Result, Trimmed
 from moa_local.prompts import Message, inject_references
 
 Schedule = Literal["flow", "stage"]
@@ -94,9 +95,10 @@ def build_request(conv: Conversation, role: Role, references: list[str], *, stag
     return Request(messages=messages, sampling=sampling, request_id=f"{conv.id}/{stage}/{role.name}")
 
 
-def to_response(role: Role, gen: Generation, attempts: int) -> Response:
+def to_response(role: Role, gen: Generation, attempts: int, *, trimmed: Trimmed | None = None) -> Response:
     return Response(role=str(role.name), model=role.model, text=gen.text if gen.ok else None, error=gen.error,
-                    usage=gen.usage, seconds=gen.seconds, attempts=attempts, kind=gen.kind if not gen.ok else None)
+                    usage=gen.usage, seconds=gen.seconds, attempts=attempts, kind=gen.kind if not gen.ok else None,
+                    trimmed=trimmed)
 
 
 def references_of(layer: LayerTrace | None) -> list[str]:

@@ -34,6 +34,7 @@ from moa_local.pipeline.scheduler import (
     too_few,
 )
 from moa_local.pipeline.trace import LayerTrace, Result
+from moa_local.pipeline.trim import ReferenceTrim, prompt_chars
 
 
 def steps_for(recipe: Recipe, phase_of: Callable[[str], int], *, start: int = 0) -> list[tuple[int, list[Role]]]:
@@ -102,26 +103,30 @@ class StageScheduler:
         keys = itertools.count()
         sent = 0
 
-        def submit(conv: Conversation, role: Role, references: list[str], attempt: int) -> None:
+        def submit(conv: Conversation, role: Role, trim: ReferenceTrim, attempt: int) -> None:
             key = next(keys)
-            request = build_request(conv, role, references, stage=f"L{layer}" if not aggregator else "agg")
+            request = build_request(conv, role, trim.references, stage=f"L{layer}" if not aggregator else "agg")
+            chars = prompt_chars(request.messages)
             state.in_flight += 1
             if listener is not None:
                 listener(RoleEvent("start", conv.id, layer, str(role.name), role.model, aggregator, attempt))
 
             def on_done(gen: Generation) -> None:
-                state.done.put((key, conv, role, references, attempt, gen))
+                state.done.put((key, conv, role, trim, attempt, gen, chars))
 
             tickets[key] = self.runner.submit(role.model, request, on_done=on_done)
 
         def handle(item: tuple[Any, ...]) -> None:
-            key, conv, role, references, attempt, gen = item
+            key, conv, role, trim, attempt, gen, chars = item
             state.in_flight -= 1
             tickets.pop(key, None)
-            if retryable(gen, attempt, policy.retries):
-                submit(conv, role, references, attempt + 1)
+            if trim.retry(gen, chars):  # its references made it too long: again with them trimmed
+                submit(conv, role, trim, attempt)
                 return
-            response = to_response(role, gen, attempt)
+            if retryable(gen, attempt, policy.retries):
+                submit(conv, role, trim, attempt + 1)
+                return
+            response = to_response(role, trim.explain(gen), attempt, trimmed=trim.record())
             journal.put(conv.id, layer, response)
             if listener is not None:
                 listener(RoleEvent("done", conv.id, layer, response.role, response.model, aggregator, attempt,
@@ -159,7 +164,7 @@ class StageScheduler:
                     continue
                 for role in todo:
                     drain(self.window - 1)
-                    submit(conv, role, references, 1)
+                    submit(conv, role, ReferenceTrim(references), 1)
                     sent += 1
             drain(0)
         except BaseException:

@@ -81,9 +81,10 @@ def capped_context_notes(recipe: Recipe, configs: Mapping[str, ModelConfig]) -> 
         if recipe.engine_options(model_id).max_model_len is None and want > have:
             notes.append(
                 f"'{model_id}' holds {have} tokens, less than the {want} the recipe asks of it ({PROMPT_TOKENS} of "
-                f"prompt + the references + its answer): layer-2+ and aggregation prompts longer than "
-                f"{have} tokens minus its max_tokens fail for it. Lower the proposers' max_tokens, or give it "
-                "no role after layer 1."
+                f"prompt + the references + its answer): at run time its layer-2+ and aggregation requests that "
+                f"exceed {have} tokens minus its max_tokens go again with their references trimmed, the longest "
+                "cut first (recorded as 'trimmed' in the trace); one too long even without them fails. Lower the "
+                "proposers' max_tokens, or give it no role after layer 1, to keep the references whole."
             )
     return notes
 

@@ -160,6 +160,7 @@ def test_a_model_whose_context_is_too_short_is_named_at_plan_time() -> None:
     plan = plan_recipe(load_recipe("moa"), build_hardware(gpus="8xH100-80GB", cpu_memory="2TiB", detect=False))
     notes = [n for n in plan.notes if "llama-3-70b-instruct" in n]
     assert notes and "holds 8192 tokens, less than the 15360" in notes[0]
+    assert "references trimmed, the longest cut first" in notes[0], "the note says what happens at run time"
 
 
 # -- finding 2: references survive every shipped chat template ----------------------------------------------------

@@ -74,8 +74,13 @@ class _Encoder:
         t.prompt_tokens, t.completion_tokens, t.seconds = t.prompt_tokens + pt, t.completion_tokens + ct, t.seconds + seconds
         if isinstance(sim, float):
             t.agreement.append(sim)
-        return [self.name(r["role"]), self.name(r["model"]), r.get("text"), r.get("error"), pt, ct, seconds, attempts,
-                sim]
+        out = [self.name(r["role"]), self.name(r["model"]), r.get("text"), r.get("error"), pt, ct, seconds, attempts,
+               sim]
+        trimmed = r.get("trimmed")
+        if isinstance(trimmed, dict):  # its references were cut to fit (docs/scheduler.md, "Reference trimming")
+            out.append([int(trimmed.get(k, 0)) for k in ("references_chars_before", "references_chars_after",
+                                                          "attempts")])
+        return out
 
     def trace(self, label: str, trace: dict[str, Any]) -> tuple[list[Any], bool]:
         """The encoded trace and whether any role in it failed."""

@@ -4,6 +4,7 @@ references made it too long with the longest references cut first, recorded in t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,18 @@ def test_trimming_stops_after_max_trims(fake_recipe: Recipe, schedule: Schedule)
     assert gemma_l2.kind == "too_long" and f"still too long after {MAX_TRIMS} trims" in (gemma_l2.error or "")
     assert gemma_l2.trimmed is not None and gemma_l2.trimmed.attempts == MAX_TRIMS
     assert len(sent) == 1 + 1 + MAX_TRIMS, "layer 1, layer 2, then MAX_TRIMS trimmed tries"
+
+
+def test_the_report_shows_a_trimmed_response(fake_recipe: Recipe, tmp_path: Path) -> None:
+    from moa_local.view.payload import build_payload
+    from moa_local.view.sources import read_source
+
+    res, _ = _run(_recipe(fake_recipe), "flow", "Why is the sky blue?")
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "t", "output": res.output, "error": None, "trace": res.trace()}) + "\n")
+    (conv,) = build_payload(read_source(out))["convs"]
+    layer2 = conv["t"][0][3][1]
+    trimmed = res.layers[1].responses[0].trimmed
+    assert trimmed is not None
+    assert layer2[0][9] == [trimmed.references_chars_before, trimmed.references_chars_after, trimmed.attempts]
+    assert len(layer2[1]) == 9, "a response whose references went whole has no trimming entry"

@@ -8,8 +8,9 @@
   const NAMES = D.names, CONVS = D.convs, EV = D.eval;
   const ROW_H = 54;           // px; fixed, so the list can place rows without measuring them
   const $ = (id) => document.getElementById(id);
-  // A response: [role, model, text, error, prompt tokens, completion tokens, seconds, attempts, sim]
-  const ROLE = 0, MODEL = 1, TEXT = 2, ERR = 3, PT = 4, CT = 5, SEC = 6, ATT = 7, SIM = 8;
+  // A response: [role, model, text, error, prompt tokens, completion tokens, seconds, attempts, sim,
+  //              (only when its references were trimmed) [characters before, after, trimmed tries]]
+  const ROLE = 0, MODEL = 1, TEXT = 2, ERR = 3, PT = 4, CT = 5, SEC = 6, ATT = 7, SIM = 8, TRIM = 9;
   // A trace: [label, output (true: the aggregator's text), error, layers, aggregator]
   const LABEL = 0, OUT = 1, TERR = 2, LAYERS = 3, AGG = 4;
 
@@ -170,6 +171,8 @@
     const meta = el("div", "meta");
     meta.append(el("span", "tok", `${num(r[PT])} → ${num(r[CT])} tok`), el("span", "sec", secs(r[SEC])));
     if (r[ATT] > 1) meta.append(badge(`${r[ATT]} attempts`, "warn"));
+    if (r[TRIM]) meta.append(badge(`references trimmed ${num(r[TRIM][0])} → ${num(r[TRIM][1])} chars`, "warn",
+      `too long for the engine's context: the longest references cut, heads kept (${r[TRIM][2]} trimmed tries)`));
     if (!opts.aggregator && r[SIM] != null) {
       const a = el("span", "agree", `agreement ${sim(r[SIM])}`);
       a.title = "mean word similarity to the other proposers of this layer";

@@ -311,6 +311,8 @@ def role_event(event: RoleEvent) -> dict[str, Any]:
     elif event.response is not None:
         r = event.response
         body.update(usage=r.usage.to_dict(), seconds=round(r.seconds, 3), error=r.error, attempts=r.attempts)
+        if r.trimmed is not None:
+            body["trimmed"] = r.trimmed.to_dict()
     return body
 
 

@@ -194,3 +194,17 @@ def test_the_report_shows_a_trimmed_response(fake_recipe: Recipe, tmp_path: Path
     assert trimmed is not None
     assert layer2[0][9] == [trimmed.references_chars_before, trimmed.references_chars_after, trimmed.attempts]
     assert len(layer2[1]) == 9, "a response whose references went whole has no trimming entry"
+
+
+def test_the_server_role_done_event_carries_the_record() -> None:
+    pytest.importorskip("fastapi")
+    from moa_local.pipeline.scheduler import RoleEvent
+    from moa_local.pipeline.trace import Response
+    from moa_local.server.openai import role_event
+
+    trimmed = Trimmed(references_chars_before=900, references_chars_after=400, attempts=1)
+    done = RoleEvent("done", "c", 2, "p", "m", response=Response(role="p", model="m", text="t", trimmed=trimmed))
+    assert role_event(done)["trimmed"] == {"references_chars_before": 900, "references_chars_after": 400,
+                                           "attempts": 1}
+    whole = RoleEvent("done", "c", 2, "p", "m", response=Response(role="p", model="m", text="t"))
+    assert "trimmed" not in role_event(whole)

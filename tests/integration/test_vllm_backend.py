@@ -141,6 +141,31 @@ def test_seeded_batch_longer_than_one_step_keeps_the_engine_alive(moa) -> None: 
     assert all(g.ok for g in out) and engine.is_alive()
 
 
+def test_references_too_long_for_the_real_engine_are_trimmed_and_the_aggregator_answers(moa) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's own context check: an aggregator whose prompt with both references + max_tokens exceeds SmolLM2's
+    max_model_len gets its references trimmed by the rule and answers; the trim is recorded."""
+    from moa_local.pipeline import Conversation
+
+    question = _user(QUESTIONS[2])
+    longer = moa.recipe.model_copy(update={"proposers": [  # answers long enough to cut the rule's 32-token margin from
+        r.model_copy(update={"sampling": r.sampling.model_copy(update={"max_tokens": 96, "ignore_eos": True})})
+        for r in moa.recipe.proposers]})
+    first = MoAPipeline(longer, moa.runner).run([Conversation(id="0", messages=question)])[0]
+    assert first.ok and first.aggregator is not None and first.aggregator.trimmed is None
+    limit = _engine(moa, SMOL).info["max_model_len"]
+    squeezed = limit - first.aggregator.usage.prompt_tokens + 24  # 24 tokens over with the references whole
+    aggregator = longer.aggregator.model_copy(update={"sampling": longer.aggregator.sampling.model_copy(
+        update={"max_tokens": squeezed})})
+    recipe = longer.model_copy(update={"aggregator": aggregator})
+    res = MoAPipeline(recipe, moa.runner).run([Conversation(id="0", messages=question)])[0]
+    agg = res.aggregator
+    assert agg is not None and agg.ok, agg.error if agg else "no aggregator"
+    assert agg.trimmed is not None and agg.trimmed.attempts >= 1
+    assert agg.trimmed.references_chars_after < agg.trimmed.references_chars_before
+    assert agg.usage.prompt_tokens + squeezed <= limit
+    assert agg.usage.prompt_tokens < first.aggregator.usage.prompt_tokens
+
+
 def test_killed_worker_mid_batch_records_errors_and_the_job_finishes(moa) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL the gemma worker while its layer batch runs: its requests fail (with retries), smollm2's answers
     stand, the job ends well before the batch could have, and nothing of the gemma worker is left."""

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from moa_local.api import check_text, validate_messages
 from moa_local.batch.index import IdIndex
 from moa_local.errors import InputError
+from moa_local.messages import check_text, validate_messages
 from moa_local.prompts import Message
 
 MAX_LINE_BYTES = 16 * 1024**2

@@ -31,17 +31,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from moa_local.config.recipe import Role
-from moa_local.engines.base import Request, Usage
+from moa_local.config.recipe import Recipe, Role
+from moa_local.engines.base import Request, Runner, Usage
 from moa_local.errors import ConversationFailed
 from moa_local.pipeline.scheduler import Conversation, Listener, RoleEvent
 from moa_local.pipeline.trace import LayerTrace, Response, Result
 from moa_local.prompts import inject_references
-
-if TYPE_CHECKING:
-    from moa_local.pipeline.moa import MoAPipeline
 
 _END = object()
 
@@ -98,21 +94,22 @@ class ChunkedAggregation:
     """One conversation through a recipe with chunk-wise aggregation. ``deltas()`` runs it and yields the final
     answer as it is written; ``result()`` is its trace afterwards; ``state`` carries the layers as in full mode."""
 
-    def __init__(self, pipeline: MoAPipeline, conversation: Conversation, *, listener: Listener | None = None) -> None:
-        self.pipeline = pipeline
-        self.recipe = pipeline.recipe
+    def __init__(self, recipe: Recipe, runner: Runner, conversation: Conversation, *,
+                 listener: Listener | None = None) -> None:
+        self.recipe = recipe
+        self.runner = runner
         self.state = ChunkedState(conversation)
         self.listener = listener
         self.chunk = self.recipe.chunk_tokens
         self.layers: list[list[_Node]] = []
         previous: list[_Node] = []
         for index in range(1, self.recipe.layers + 1):
-            nodes = [_Node(role=role, layer=index, upstream=previous) for role in pipeline.proposers]
+            nodes = [_Node(role=role, layer=index, upstream=previous) for role in recipe.proposer_roles()]
             for node in previous:
                 node.downstream = nodes
             self.layers.append(nodes)
             previous = nodes
-        self.aggregator = _Node(role=pipeline.aggregator, layer=self.recipe.layers + 1, upstream=previous)
+        self.aggregator = _Node(role=recipe.aggregator_role(), layer=self.recipe.layers + 1, upstream=previous)
         for node in previous:
             node.downstream = [self.aggregator]
         self.nodes = [n for layer in self.layers for n in layer] + [self.aggregator]
@@ -254,7 +251,7 @@ class ChunkedAggregation:
         )
         written = ""
         try:
-            for delta in self.pipeline.runner.stream(role.model, request):
+            for delta in self.runner.stream(role.model, request):
                 if not delta:
                     continue
                 with self._cond:

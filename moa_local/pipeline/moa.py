@@ -20,6 +20,7 @@ from dataclasses import replace
 from moa_local.config.recipe import Recipe
 from moa_local.engines.base import Runner
 from moa_local.errors import ConversationFailed, EngineDiedError, EngineError, MoaError, PromptTooLongError
+from moa_local.pipeline.chunked import ChunkedAggregation
 from moa_local.pipeline.flow import FlowScheduler
 from moa_local.pipeline.journal import Journal
 from moa_local.pipeline.scheduler import (
@@ -150,8 +151,6 @@ class MoAPipeline:
         """Run one conversation; iterate the returned object for the aggregator's text as it is written.
         With ``aggregation: chunked`` every layer streams and the aggregator starts on first chunks."""
         if self.recipe.aggregation == "chunked":
-            from moa_local.pipeline.chunked import ChunkedAggregation
-
-            return ChunkedAggregation(self, conversation, listener=listener)  # type: ignore[return-value]
+            return ChunkedAggregation(self.recipe, self.runner, conversation, listener=listener)  # type: ignore[return-value]
         scheduler = FlowScheduler(self.recipe, self.runner, window=1)
         return Streamed(scheduler, conversation, listener)

@@ -33,7 +33,7 @@ from moa_local.errors import (
     PromptTooLongError,
     ServerBusy,
 )
-from moa_local.pipeline import Conversation, FlowScheduler, MoAPipeline, Result, RoleEvent, failure_error
+from moa_local.pipeline import Conversation, FlowScheduler, Result, RoleEvent, failure_error
 from moa_local.pipeline.scheduler import Watch
 from moa_local.prompts import Message
 
@@ -218,7 +218,7 @@ class Dispatcher:
         from moa_local.pipeline.chunked import ChunkedAggregation
 
         recipe = self.recipe_for(job.overrides)
-        run = ChunkedAggregation(MoAPipeline(recipe, self.runner), Conversation(job.id, job.messages),
+        run = ChunkedAggregation(recipe, self.runner, Conversation(job.id, job.messages),
                                  listener=(lambda e: job.emit(e) if not (e.aggregator and e.kind == "delta") else None)
                                  if job.events else None)
         job._cancel = run.close

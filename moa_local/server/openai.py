@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from moa_local.api import MoA, check_text, validate_messages
+from moa_local.api import MoA
 from moa_local.config.registry import format_validation_error
 from moa_local.errors import (
     ConversationFailed,
@@ -44,6 +44,7 @@ from moa_local.errors import (
     PromptTooLongError,
     ServerBusy,
 )
+from moa_local.messages import check_text, validate_messages
 from moa_local.pipeline import RoleEvent
 from moa_local.server.dispatch import Answer, Dispatcher, Event, Job, Overrides
 from moa_local.server.limits import BODY_TIMEOUT_S

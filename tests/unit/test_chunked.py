@@ -77,7 +77,7 @@ def chunked(recipe: Recipe, *, chunk: int = 4, delay: float = 0.0, min_proposers
 
 
 def run(recipe: Recipe, runner: object) -> tuple[str, ChunkedAggregation]:
-    agg = ChunkedAggregation(MoAPipeline(recipe, runner), Conversation("c", QUESTION))  # type: ignore[arg-type]
+    agg = ChunkedAggregation(recipe, runner, Conversation("c", QUESTION))  # type: ignore[arg-type]
     return "".join(agg.deltas()), agg
 
 
@@ -217,7 +217,7 @@ def test_too_few_proposers_fail_the_conversation_before_any_text(fake_recipe: Re
     pool = fake_pool(recipe, responder=long_answer)
     for engine in pool.engines.values():
         engine.options = FakeOptions(fail_if_contains="sky")  # type: ignore[attr-defined]
-    agg = ChunkedAggregation(MoAPipeline(recipe, pool), Conversation("f", QUESTION))
+    agg = ChunkedAggregation(recipe, pool, Conversation("f", QUESTION))
     seen: list[str] = []
     with pytest.raises(ConversationFailed, match="only 0 of 2 proposers answered"):
         for delta in agg.deltas():
@@ -250,7 +250,7 @@ def test_a_started_answer_ends_even_when_references_drop_below_min_proposers(fak
 def test_closing_the_stream_stops_every_node(fake_recipe: Recipe) -> None:
     recipe = chunked(fake_recipe, chunk=2, delay=0.003)
     rec = Recorder(fake_pool(recipe, responder=long_answer))
-    agg = ChunkedAggregation(MoAPipeline(recipe, rec), Conversation("x", QUESTION))
+    agg = ChunkedAggregation(recipe, rec, Conversation("x", QUESTION))
     deltas = agg.deltas()
     next(deltas)
     deltas.close()

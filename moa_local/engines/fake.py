@@ -3,10 +3,11 @@ and dry runs. It never stands in for a real engine in a test whose point is the 
 
 Its default answer names the model, echoes the start of the last user turn and says how many references it was
 shown, so tests can see reference injection work without a model. Its tokens are words; with ``max_model_len`` set a
-prompt too long for it fails with kind too_long and the numbers a real engine gives. Requests are independent, as in a continuous
-batching engine with room to spare: each one finishes ``latency_s`` + ``token_delay_s`` x its words after it was
-submitted, whatever else is in flight (one timer thread per engine keeps the clock; with no delay the answer comes
-before ``submit`` returns). The last ``RECORD_LIMIT`` requests are kept in ``requests`` / ``streams`` for tests.
+prompt too long for it fails with kind too_long and the numbers a real engine gives. Requests are independent, as in
+a continuous batching engine with room to spare: each one finishes ``latency_s`` + ``token_delay_s`` x its words
+after it was submitted, whatever else is in flight (one timer thread per engine keeps the clock; with no delay the
+answer comes before ``submit`` returns). The last ``RECORD_LIMIT`` requests are kept in ``requests`` / ``streams``
+for tests.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class FakeEngine(Engine):
         prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
         limit = self.options.max_model_len
         if limit is not None and prompt_tokens + request.sampling.max_tokens > limit:
-            return Generation.too_long(Overflow(prompt_tokens, request.sampling.max_tokens, limit), model_id=self.model_id)
+            overflow = Overflow(prompt_tokens, request.sampling.max_tokens, limit)
+            return Generation.too_long(overflow, model_id=self.model_id)
         if request.messages and request.messages[-1]["role"] == "assistant":
             # Continue a partial answer: the words of the whole answer after the ones already written.
             prefix = request.messages[-1]["content"].split()

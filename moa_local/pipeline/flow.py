@@ -36,7 +36,7 @@ from moa_local.pipeline.scheduler import (
     too_few,
 )
 from moa_local.pipeline.trace import LayerTrace, Response, Result
-from moa_local.pipeline.trim import ReferenceTrim, prompt_chars
+from moa_local.pipeline.trim import ReferenceTrim
 
 
 class _Flight:
@@ -240,8 +240,8 @@ class FlowScheduler:
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == "done":
-            _, flight, stage, index, send, gen, chars = event
-            self._on_done(flight, stage, index, send, gen, chars)
+            _, flight, stage, index, send, gen = event
+            self._on_done(flight, stage, index, send, gen)
         elif kind == "cancel":
             self._cancel(event[1])
 
@@ -272,7 +272,7 @@ class FlowScheduler:
         prefix = flight.written if aggregator else ""
         request = build_request(flight.conv, role, flight.trims[index].references, stage=label, prefix=prefix,
                                 budget_used=flight.counted)
-        chars = prompt_chars(request.messages)
+        flight.trims[index].sent(request.messages)
         listener = flight.listener
         if listener is not None:
             listener(RoleEvent("start", flight.conv.id, stage, str(role.name), role.model, aggregator, attempt))
@@ -287,15 +287,15 @@ class FlowScheduler:
                 listener(RoleEvent("delta", conv_id, stage, name, model, aggregator, attempt, delta=piece))
 
         def on_done(gen: Generation) -> None:
-            self._events.put(("done", flight, stage, index, send, gen, chars))
+            self._events.put(("done", flight, stage, index, send, gen))
 
         flight.tickets[index] = self.runner.submit(role.model, request, on_done=on_done, on_delta=on_delta)
 
-    def _on_done(self, flight: _Flight, stage: int, index: int, send: int, gen: Generation, chars: int) -> None:
+    def _on_done(self, flight: _Flight, stage: int, index: int, send: int, gen: Generation) -> None:
         if flight.finished or stage != flight.stage or send != flight.sends[index]:
             return  # an answer to something abandoned
         trim, attempt = flight.trims[index], flight.attempts[index]
-        if trim.retry(gen, chars):  # its references made it too long: again with them trimmed
+        if trim.retry(gen):  # its references made it too long: again with them trimmed
             self._send(flight, index)
             return
         if retryable(gen, attempt, flight.recipe.policy.retries):

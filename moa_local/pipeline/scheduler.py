@@ -13,11 +13,12 @@ between conversations; at most ``window`` conversations in flight, so memory is 
 role's model, each step a barrier, so a phased runner swaps once per phase change whatever the job's size; every
 finished response goes to a Journal (SQLite), so a killed job resumes without regenerating one.
 
-Both: a request whose references made it too long for its engine goes again with them trimmed (trim.py: the rule,
-at most MAX_TRIMS tries, recorded in its Response's ``trimmed``); a failed request is retried ``policy.retries``
-times unless its failure is deterministic (too long, invalid prompt); a conversation with fewer than ``min_proposers`` answers in a layer fails (Result.kind: the failures'
-common kind, else "too_few") while the others go on; a failed aggregator fails the conversation with that request's
-kind. Listeners get RoleEvents (start, delta, done) per role. Knows engines only through the Runner.
+Both: a request whose references made it too long for its engine goes again with them trimmed (trim.py: the rule, at
+most MAX_TRIMS tries, recorded in its Response's ``trimmed``); a failed request is retried ``policy.retries`` times
+unless its failure is deterministic (too long, invalid prompt); a conversation with fewer than ``min_proposers``
+answers in a layer fails (Result.kind: the failures' common kind, else "too_few") while the others go on; a failed
+aggregator fails the conversation with that request's kind. Listeners get RoleEvents (start, delta, done) per role.
+Knows engines only through the Runner.
 """
 
 from __future__ import annotations

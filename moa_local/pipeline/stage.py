@@ -34,7 +34,7 @@ from moa_local.pipeline.scheduler import (
     too_few,
 )
 from moa_local.pipeline.trace import LayerTrace, Result
-from moa_local.pipeline.trim import ReferenceTrim, prompt_chars
+from moa_local.pipeline.trim import ReferenceTrim
 
 
 def steps_for(recipe: Recipe, phase_of: Callable[[str], int], *, start: int = 0) -> list[tuple[int, list[Role]]]:
@@ -106,21 +106,21 @@ class StageScheduler:
         def submit(conv: Conversation, role: Role, trim: ReferenceTrim, attempt: int) -> None:
             key = next(keys)
             request = build_request(conv, role, trim.references, stage=f"L{layer}" if not aggregator else "agg")
-            chars = prompt_chars(request.messages)
+            trim.sent(request.messages)
             state.in_flight += 1
             if listener is not None:
                 listener(RoleEvent("start", conv.id, layer, str(role.name), role.model, aggregator, attempt))
 
             def on_done(gen: Generation) -> None:
-                state.done.put((key, conv, role, trim, attempt, gen, chars))
+                state.done.put((key, conv, role, trim, attempt, gen))
 
             tickets[key] = self.runner.submit(role.model, request, on_done=on_done)
 
         def handle(item: tuple[Any, ...]) -> None:
-            key, conv, role, trim, attempt, gen, chars = item
+            key, conv, role, trim, attempt, gen = item
             state.in_flight -= 1
             tickets.pop(key, None)
-            if trim.retry(gen, chars):  # its references made it too long: again with them trimmed
+            if trim.retry(gen):  # its references made it too long: again with them trimmed
                 submit(conv, role, trim, attempt)
                 return
             if retryable(gen, attempt, policy.retries):

@@ -72,6 +72,8 @@ class ReferenceTrim:
     original: list[str]
     references: list[str] = field(default_factory=list)
     """What the next try sends."""
+    sent_chars: int = 0
+    """The message characters of the request last sent (what its prompt tokens mostly encode)."""
     tries: int = 0
     gave_up: str | None = None
     """Why trimming stopped without a fit (None while it has not)."""
@@ -79,17 +81,20 @@ class ReferenceTrim:
     def __post_init__(self) -> None:
         self.references = list(self.original)
 
-    def retry(self, gen: Generation, prompt_chars: int) -> bool:
-        """After ``gen`` came back for a request of ``prompt_chars`` message characters: True when the references
-        were cut further and the request should go again; False when ``gen`` stands (``gave_up`` says why when
-        trimming could not help)."""
+    def sent(self, messages: list[Message]) -> None:
+        """Note the messages of the request just sent with ``references`` (one request in flight per trim)."""
+        self.sent_chars = prompt_chars(messages)
+
+    def retry(self, gen: Generation) -> bool:
+        """After ``gen`` came back for the request last ``sent``: True when the references were cut further and the
+        request should go again; False when ``gen`` stands (``gave_up`` says why when trimming could not help)."""
         overflow = gen.overflow
         if gen.kind != "too_long" or overflow is None or not self.original or overflow.prompt_tokens <= 0:
             return False
         if self.tries >= MAX_TRIMS:
             self.gave_up = f"still too long after {MAX_TRIMS} trims of the references"
             return False
-        per_token = prompt_chars / overflow.prompt_tokens
+        per_token = self.sent_chars / overflow.prompt_tokens
         cut = math.ceil((max(1, overflow.excess) + TRIM_MARGIN_TOKENS) * per_token)
         trimmed = water_fill(self.original, self._chars(self.original) - self._chars(self.references) + cut)
         if trimmed is None:

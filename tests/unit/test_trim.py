@@ -66,15 +66,16 @@ def test_water_filling_cuts_the_longest_reference_first_and_keeps_heads() -> Non
 
 def test_each_try_is_sized_from_the_new_failure_and_adds_to_the_cut() -> None:
     trim = ReferenceTrim(["x" * 1000, "y" * 100])
+    trim.sent([{"role": "user", "content": "z" * 2000}])
     too_long = Generation.too_long(Overflow(prompt_tokens=500, max_tokens=100, max_model_len=590), model_id="m")
-    assert trim.retry(too_long, 2000)  # 4 characters a token: (10 + 32) x 4 = 168 to cut
+    assert trim.retry(too_long)  # 4 characters a token: (10 + 32) x 4 = 168 to cut
     assert len(trim.references[0]) == 1000 - 168 and trim.references[1] == "y" * 100
-    assert trim.retry(too_long, 2000)  # still 10 over: 168 more, from the original references
+    assert trim.retry(too_long)  # still 10 over: 168 more, from the original references
     assert len(trim.references[0]) == 1000 - 336
     record = trim.record()
     assert record == Trimmed(references_chars_before=1100, references_chars_after=1100 - 336, attempts=2)
-    assert not ReferenceTrim([]).retry(too_long, 2000), "a request without references is left as it is"
-    assert not trim.retry(Generation.failed("prompt too long", kind="too_long"), 2000), "no numbers, no guess"
+    assert not ReferenceTrim([]).retry(too_long), "a request without references is left as it is"
+    assert not trim.retry(Generation.failed("prompt too long", kind="too_long")), "no numbers, no guess"
 
 
 # -- through the pipeline --------------------------------------------------------------------------------------------
